@@ -19,10 +19,6 @@ from riemax._labels import (
 )
 from riemax._transforms import (
     AdamSState,
-    ClipTangentNormState,
-    ExpMapUpdateState,
-    GrassmannProjectState,
-    OrthoPenaltyState,
     SgdMRTState,
     SphericalAdamState,
     TransportedMomentumState,
@@ -44,10 +40,6 @@ __all__ = [
     "EUCLIDEAN",
     "MANIFOLD",
     "AdamSState",
-    "ClipTangentNormState",
-    "ExpMapUpdateState",
-    "GrassmannProjectState",
-    "OrthoPenaltyState",
     "SgdMRTState",
     "SphericalAdamState",
     "TransportedMomentumState",

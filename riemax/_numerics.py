@@ -1,0 +1,100 @@
+"""The one home of per-unit reductions, norms and divisions by norms.
+
+Every other module calls these helpers instead of ``jnp.linalg.norm`` or a raw
+division, so that
+
+* reductions accumulate in at least float32 (bf16/fp16 inputs are promoted),
+* a norm has value 0 *and* gradient 0 at the origin (no ``NaN`` through
+  ``jax.grad``), and
+* a division by a zero denominator yields 0 in value and gradient (the
+  "double ``where``" pattern: the risky operand is replaced *before* the op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def to_acc(x: jax.Array) -> jax.Array:
+    """Casts ``x`` to its accumulation dtype (a no-op for float32/float64)."""
+    return jnp.asarray(x).astype(acc_dtype(jnp.asarray(x).dtype))
+
+
+def unit_axes(ndim: int) -> tuple[int, ...]:
+    """Axes of one output unit in Flax layout: all axes but the last."""
+    return tuple(range(ndim - 1))
+
+
+def group_axes(ndim: int, channel_axes: Sequence[int] | None) -> tuple[int, ...]:
+    """Reduced axes R for a group specification.
+
+    Args:
+      ndim: Rank of the leaf.
+      channel_axes: Axes that *index* independent groups. ``(-1,)`` (one group per
+        output unit, the BatchNorm case), ``()`` (the whole tensor is one group,
+        the LayerNorm case) or ``None`` (every element is its own group).
+
+    Returns:
+      The axes summed over inside one group (the complement of ``channel_axes``).
+      Channel axes outside the leaf's rank are ignored, so ``(-1,)`` on a scalar
+      leaf gives element-wise groups.
+    """
+    if channel_axes is None:
+        return ()
+    kept = {a % ndim for a in channel_axes if -ndim <= a < ndim} if ndim else set()
+    return tuple(a for a in range(ndim) if a not in kept)
+
+
+def group_size(shape: Sequence[int], axes: Sequence[int]) -> int:
+    """Number of elements in one group (``d`` in the AdamS/SGD-MRT updates)."""
+    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+
+
+def inner(a: jax.Array, b: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """Per-group inner product ``sum(a * b)`` over ``axes``, dims kept."""
+    return jnp.sum(a * b, axis=tuple(axes), keepdims=True)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x >= 0`` with value 0 and gradient 0 at ``x = 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den != 0`` and 0 elsewhere, NaN-free in gradients."""
+    nonzero = den != 0
+    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """Per-group Euclidean norm over ``axes`` (dims kept), zero-safe."""
+    return safe_sqrt(inner(x, x, axes))
+
+
+def normalize(
+    x: jax.Array, axes: Sequence[int], eps: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(x / (||x|| + eps), ||x||)`` per group; a zero group maps to 0."""
+    n = norm(x, axes)
+    return safe_div(x, n + eps), n
+
+
+def rescale_to(x: jax.Array, target: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """Rescales every group of ``x`` to norm ``target``; zero groups stay zero."""
+    return x * safe_div(target, norm(x, axes))
+
+
+def check_nonnegative(name: str, value) -> None:
+    """Raises ``ValueError`` for a negative Python number (arrays are not checked)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}.")
