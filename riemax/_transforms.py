@@ -260,8 +260,8 @@ def transported_momentum(
     restoring its length. The restored length is
     :math:`\|d\|^2 / (\|d\| + \epsilon_u)`, the length the original transport
     formula gives, so the default ``unit_eps`` follows the reference implementation
-    to :math:`O(\epsilon_u \theta^2)`. Exact for angular steps below
-    :math:`\pi/2`.
+    to :math:`O(\epsilon_u \theta^2)`. For angular steps beyond that the sign is restored from :math:`\cos\|d\|`
+    (the step is the stored momentum itself), so any step length is exact.
 
     Args:
       momentum: The decay :math:`\gamma`.
@@ -300,7 +300,10 @@ def transported_momentum(
             y, w_norm = _unit_of(w, unit_eps)
             d_prev = to_acc(d_prev)
             n = norm(d_prev, axes)
-            tau = rescale_to(sphere.project(y, d_prev), safe_div(n * n, n + unit_eps), axes)
+            # P_y'(d) = cos(theta) * Gamma(d; d) with theta = ||d||: restore the
+            # length, and the sign for steps beyond a quarter turn.
+            length = safe_div(n * n, n + unit_eps) * jnp.where(jnp.cos(n) < 0, -1, 1)
+            tau = rescale_to(sphere.project(y, d_prev), length, axes)
             tau = jnp.where(w_norm > 0, tau, d_prev)
             d = momentum * tau + to_acc(u)
             return d.astype(u.dtype), d.astype(d_prev.dtype)

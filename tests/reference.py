@@ -1,0 +1,193 @@
+"""Float64 NumPy re-implementation of the update rules of ALGORITHMS.md §1–§3.
+
+Written from the specification, step by step and in its order of operations, with
+the state stored where the original implementations store it. It shares no code
+with riemax. Kernels are in Flax layout: a unit is ``w[..., j]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS_U = 1e-8
+
+
+def _axes(w):
+    return tuple(range(w.ndim - 1))
+
+
+def dot(a, b, axes=None):
+    axes = _axes(a) if axes is None else axes
+    return np.sum(a * b, axis=axes, keepdims=True)
+
+
+def nrm(a, axes=None):
+    return np.sqrt(dot(a, a, axes))
+
+
+# §1 primitives ---------------------------------------------------------------------
+
+
+def unit(w, eps):
+    n = nrm(w)
+    return w / (n + eps), n
+
+
+def proj(y, g):
+    return g - dot(y, g) * y
+
+
+def expmap(y, h, eps):
+    theta = nrm(h)
+    u = h / (theta + eps)
+    return np.cos(theta) * y + np.sin(theta) * u
+
+
+def transport(y, xi, h, eps):
+    theta = nrm(h)
+    u = h / (theta + eps)
+    return xi - dot(u, xi) * (np.sin(theta) * y + (1 - np.cos(theta)) * u)
+
+
+def transport_self(y, h, eps):
+    theta = nrm(h)
+    u = h / (theta + eps)
+    return theta * (np.cos(theta) * u - np.sin(theta) * y)
+
+
+def clip(h, nu):
+    n = nrm(h)
+    scale = np.where(n > nu, nu / np.where(n > 0, n, 1), 1.0)
+    return h * scale
+
+
+def ortho_grad(y, omega):
+    m = y.reshape(-1, y.shape[-1])
+    return (2 * omega * (m @ (m.T @ m) - m)).reshape(y.shape)
+
+
+# §2.3 SGD-G ------------------------------------------------------------------------
+
+
+class SGDG:
+    def __init__(self, w, lr, momentum=0.9, grad_clip=0.1, omega=0.1, eps=EPS_U):
+        self.lr, self.mom, self.nu, self.omega, self.eps = lr, momentum, grad_clip, omega, eps
+        self.tau = np.zeros_like(w)
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        y, _ = unit(w, self.eps)
+        if self.omega:
+            g = g + ortho_grad(y, self.omega)
+        h = proj(y, g)
+        if self.nu is not None:
+            h = clip(h, self.nu)
+        d = self.mom * self.tau - lr * h
+        w_new = expmap(y, d, self.eps)
+        self.tau = transport_self(y, d, self.eps)
+        return w_new
+
+
+# §2.4 Adam-G -----------------------------------------------------------------------
+
+
+class AdamG:
+    def __init__(self, w, lr, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1,
+                 unit_eps=EPS_U):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.nu, self.omega, self.ueps = grad_clip, omega, unit_eps
+        self.m = np.zeros_like(w)
+        self.v = np.zeros((1,) * (w.ndim - 1) + w.shape[-1:])
+        self.p1, self.p2 = b1, b2
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        y, _ = unit(w, self.ueps)
+        if self.omega:
+            g = g + ortho_grad(y, self.omega)
+        h = proj(y, g)
+        if self.nu is not None:
+            h = clip(h, self.nu)
+        self.m = self.b1 * self.m + (1 - self.b1) * h
+        self.v = self.b2 * self.v + (1 - self.b2) * dot(h, h)
+        alpha = np.sqrt(1 - self.p2) / (1 - self.p1)
+        delta = (self.m / np.sqrt(self.v + self.eps)) * (-alpha * lr)
+        w_new = expmap(y, delta, self.ueps)
+        self.m = transport(y, self.m, delta, self.ueps)
+        self.p1 *= self.b1
+        self.p2 *= self.b2
+        return w_new
+
+
+# §2.5 Euclidean companion: TF Nesterov momentum with the L2 term in the gradient ---
+
+
+class NesterovSGD:
+    def __init__(self, w, lr, momentum=0.9, weight_decay=0.0):
+        self.lr, self.mom, self.wd = lr, momentum, weight_decay
+        self.b = np.zeros_like(w)
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        g = g + self.wd * w
+        self.b = self.mom * self.b + g
+        return w - lr * (g + self.mom * self.b)
+
+
+# §3 groups, AdamS / AdamSRT, SGD-MRT -------------------------------------------------
+
+
+def reduced_axes(ndim, channel_axes):
+    if channel_axes is None:
+        return ()
+    kept = {a % ndim for a in channel_axes}
+    return tuple(a for a in range(ndim) if a not in kept)
+
+
+class AdamSRT:
+    def __init__(self, w, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                 channel_axes=(-1,), rt=True):
+        self.lr, self.b1, self.b2, self.eps, self.wd, self.rt = lr, b1, b2, eps, weight_decay, rt
+        self.R = reduced_axes(w.ndim, channel_axes)
+        self.d = int(np.prod([w.shape[a] for a in self.R])) if self.R else 1
+        self.t = 0
+        self.m = np.zeros_like(w)
+        self.v = np.zeros_like(w)  # stored full-shape, constant within a group
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        R = self.R
+        if self.wd:
+            g = g + self.wd * w
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * dot(g, g, R)
+        bc1, bc2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        denom = np.sqrt(self.v) / np.sqrt(bc2) + self.eps
+        w_new = w + (-lr * np.sqrt(self.d)) * (self.m / bc1) / denom
+        if self.rt and self.d > 1:
+            x1, x2 = w, w_new
+            x1x1, x1x2, x2x2, mx2 = dot(x1, x1, R), dot(x1, x2, R), dot(x2, x2, R), dot(self.m, x2, R)
+            self.v = self.v * x1x1 / (x2x2 + self.eps)
+            self.m = (x1x2 * self.m - mx2 * x1) / (x2x2 + self.eps)
+        return w_new
+
+
+class SGDMRT:
+    def __init__(self, w, lr, momentum=0.9, weight_decay=0.0, channel_axes=(-1,)):
+        self.lr, self.mom, self.wd = lr, momentum, weight_decay
+        self.R = reduced_axes(w.ndim, channel_axes)
+        self.d = int(np.prod([w.shape[a] for a in self.R])) if self.R else 1
+        self.b = np.zeros_like(w)
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        R = self.R
+        if self.wd:
+            g = g + self.wd * w
+        self.b = self.mom * self.b + g
+        w_new = w - lr * self.b
+        if self.d > 1:
+            x1, x2 = w, w_new
+            self.b = (dot(x1, x2, R) * self.b - dot(self.b, x2, R) * x1) / dot(x2, x2, R)
+        return w_new
