@@ -143,12 +143,19 @@ def grassmann_project(unit_eps: float = 1e-8) -> optax.GradientTransformation:
 
     For a BatchNorm-fed kernel the loss depends only on the direction of each unit
     ``w_j``; its Riemannian gradient on the sphere (equivalently on the
-    Grassmannian :math:`G(1, n)`) is the Euclidean gradient minus its radial part:
+    Grassmannian :math:`G(1, n)`) is the Euclidean gradient minus its radial part,
+    taken at the point :math:`y_j` the unit represents:
 
     .. math::
 
       y_j = \frac{w_j}{\|w_j\| + \epsilon_u}, \qquad
-      h_j = g_j - \langle y_j, g_j \rangle\, y_j
+      h_j = \|w_j\|\,\bigl(g_j - \langle y_j, g_j \rangle\, y_j\bigr)
+
+    The factor :math:`\|w_j\|` converts the gradient at ``w`` into the gradient at
+    ``unit(w)`` for a scale-invariant loss (:math:`\nabla L(cw) = \nabla L(w)/c`),
+    so the whole optimizer is invariant to the scale of the kernel it starts
+    from. The riemax updates keep :math:`\|w_j\| = 1`, where the factor is 1 and
+    the rule is exactly the original's. A zero unit passes ``g`` through.
 
     Args:
       unit_eps: :math:`\epsilon_u`, added to the norm in ``unit(w)``.
@@ -162,9 +169,9 @@ def grassmann_project(unit_eps: float = 1e-8) -> optax.GradientTransformation:
       >>> g = jnp.array([[3.0, 5.0], [4.0, 6.0]])
       >>> tx = riemax.grassmann_project(unit_eps=0.0)
       >>> h, _ = tx.update(g, tx.init(w), w)
-      >>> h
-      Array([[0., 5.],
-             [4., 0.]], dtype=float32)
+      >>> h  # the second unit has norm 2: its gradient at unit(w) is twice as large
+      Array([[ 0., 10.],
+             [ 4.,  0.]], dtype=float32)
 
     References:
       Cho and Lee, `Riemannian approach to batch normalization
@@ -180,8 +187,9 @@ def grassmann_project(unit_eps: float = 1e-8) -> optax.GradientTransformation:
         _need_params("grassmann_project", params)
 
         def leaf(g, w):
-            y, _ = _unit_of(w, unit_eps)
-            return sphere.project(y, to_acc(g)).astype(g.dtype)
+            y, w_norm = _unit_of(w, unit_eps)
+            h = sphere.project(y, to_acc(g)) * jnp.where(w_norm > 0, w_norm, 1)
+            return h.astype(g.dtype)
 
         return _map_units("grassmann_project", leaf, updates, params), state
 
@@ -476,12 +484,18 @@ def ortho_penalty(
       R(M) = \tfrac12\,\omega\,\|M^\top M - I\|_F^2, \qquad
       \nabla R = 2\omega\,\bigl(M (M^\top M) - M\bigr)
 
+    With ``at="unit"`` the regulariser is :math:`R(\mathrm{unit}(W))`, evaluated
+    at the unit vectors (the PyTorch original, inside the optimizer); its
+    gradient with respect to ``w`` is :math:`\nabla R(Y) / \|w_j\|` up to a radial
+    part that :func:`grassmann_project` removes, which keeps SGD-G and Adam-G
+    invariant to the scale of ``w`` (on unit-norm kernels the factor is 1, as in
+    the original). With ``at="param"`` it is :math:`R(W)` at the raw kernel (the
+    TensorFlow original, which adds :math:`R` to the loss; see
+    :func:`orthogonality_loss`). The two agree to ~1e-11 on unit-norm kernels.
+
     Args:
       omega: Strength :math:`\omega`; ``0.0`` disables the term.
-      at: ``"unit"`` evaluates the gradient at ``unit(w)`` (the PyTorch original,
-        inside the optimizer) and ``"param"`` at ``w`` itself (the TensorFlow
-        original, which adds :math:`R` to the loss; see
-        :func:`orthogonality_loss`). They agree to ~1e-11 on unit-norm kernels.
+      at: ``"unit"`` or ``"param"``, see above.
         Static under :func:`optax.inject_hyperparams`.
       unit_eps: :math:`\epsilon_u` of ``unit(w)`` for ``at="unit"``.
 
@@ -515,8 +529,13 @@ def ortho_penalty(
         _need_params("ortho_penalty", params)
 
         def leaf(g, w):
-            m = _unit_of(w, unit_eps)[0] if at == "unit" else to_acc(w)
-            return (to_acc(g) + omega * sphere.gram_residual_grad(m)).astype(g.dtype)
+            if at == "param":
+                return (to_acc(g) + omega * sphere.gram_residual_grad(to_acc(w))).astype(
+                    g.dtype
+                )
+            y, w_norm = _unit_of(w, unit_eps)
+            grad = safe_div(omega * sphere.gram_residual_grad(y), w_norm)
+            return (to_acc(g) + grad).astype(g.dtype)
 
         return _map_units("ortho_penalty", leaf, updates, params), state
 
