@@ -1,0 +1,344 @@
+"""Invariants, edge cases and errors of the sphere transforms and named optimizers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import riemax
+from helpers import unit_norms, x64
+from riemax import sphere
+
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
+
+# A fixed menu of dense and conv shapes (values vary freely): compiled ops are
+# reused across examples, which keeps the property tests fast on CPU.
+kernel_shapes = st.sampled_from(
+    [(2, 1), (5, 3), (12, 6), (1, 1, 1, 1), (3, 3, 4, 5), (2, 3, 1, 4)]
+)
+
+
+def rand(seed, shape, scale=1.0):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+def unit_rand(seed, shape):
+    w = rand(seed, shape)
+    return w / np.sqrt(np.sum(w * w, axis=tuple(range(w.ndim - 1)), keepdims=True))
+
+
+def one_step(tx, w, g):
+    state = tx.init(w)
+    updates, _ = tx.update(g, state, w)
+    return optax.apply_updates(w, updates)
+
+
+NAMED_SPHERE = {
+    "sgdg": lambda **kw: riemax.sgdg(0.2, **kw),
+    "sgdg-noclip": lambda **kw: riemax.sgdg(0.2, grad_clip=None, **kw),
+    "adamg": lambda **kw: riemax.adamg(0.05, **kw),
+}
+
+
+# ------------------------------------------------------------------------ invariants
+
+
+@SETTINGS
+@given(shape=kernel_shapes, seed=st.integers(0, 2**16), log_scale=st.floats(-6, 3))
+def test_updates_keep_units_on_sphere(shape, seed, log_scale):
+    w = jnp.asarray(unit_rand(seed, shape), jnp.float32)
+    g = jnp.asarray(rand(seed + 1, shape, 10.0**log_scale), jnp.float32)
+    for make in NAMED_SPHERE.values():
+        new = one_step(make(), w, g)
+        np.testing.assert_allclose(unit_norms(new), 1.0, atol=1e-5)
+
+
+@SETTINGS
+@given(shape=kernel_shapes, seed=st.integers(0, 2**16), theta=st.floats(1e-3, 3.0))
+def test_transported_momentum_is_tangent_and_isometric(shape, seed, theta):
+    with x64():
+        y = jnp.asarray(unit_rand(seed, shape))
+        d = np.asarray(sphere.project(y, jnp.asarray(rand(seed + 1, shape))))
+        d = jnp.asarray(d * theta / np.maximum(unit_norms(d), 1e-300))
+        y_new = sphere.expmap(y, d, 0.0)
+        tx = riemax.transported_momentum(1.0, unit_eps=0.0)
+        tau, _ = tx.update(
+            jnp.zeros_like(y), riemax.TransportedMomentumState(trace=d), y_new
+        )
+        axes = tuple(range(y.ndim - 1))
+        np.testing.assert_allclose(jnp.sum(tau * y_new, axis=axes), 0.0, atol=1e-12)
+        np.testing.assert_allclose(unit_norms(tau), unit_norms(d), rtol=1e-12, atol=1e-14)
+        # ... and equals the closed-form transport of the step along itself (eq. 9).
+        np.testing.assert_allclose(tau, sphere.transport_step(y, d, 0.0), atol=1e-12)
+
+
+@SETTINGS
+@given(shape=kernel_shapes, seed=st.integers(0, 2**16), theta=st.floats(0.0, 3.0))
+def test_parallel_transport_is_isometry_into_new_tangent_space(shape, seed, theta):
+    with x64():
+        y = jnp.asarray(unit_rand(seed, shape))
+        h = sphere.project(y, jnp.asarray(rand(seed + 1, shape)))
+        h = h * theta / jnp.maximum(jnp.asarray(unit_norms(h)), 1e-300)
+        xi = sphere.project(y, jnp.asarray(rand(seed + 2, shape)))
+        z = sphere.expmap(y, h, 0.0)
+        t = sphere.transport(y, xi, h, 0.0)
+        np.testing.assert_allclose(unit_norms(z), 1.0, atol=1e-12)
+        np.testing.assert_allclose(unit_norms(t), unit_norms(xi), rtol=1e-12, atol=1e-14)
+        axes = tuple(range(y.ndim - 1))
+        np.testing.assert_allclose(jnp.sum(t * z, axis=axes), 0.0, atol=1e-12)
+
+
+@SETTINGS
+@given(shape=kernel_shapes, seed=st.integers(0, 2**16))
+def test_exp_map_of_zero_step_is_identity(shape, seed):
+    y = jnp.asarray(unit_rand(seed, shape), jnp.float32)
+    np.testing.assert_array_equal(sphere.expmap(y, jnp.zeros_like(y), 0.0), y)
+    tx = riemax.exp_map_update(unit_eps=0.0)
+    delta, _ = tx.update(jnp.zeros_like(y), tx.init(y), y)
+    np.testing.assert_allclose(optax.apply_updates(y, delta), y, atol=1e-7)
+
+
+@SETTINGS
+@given(
+    shape=kernel_shapes, seed=st.integers(0, 2**16), nu=st.floats(1e-3, 10.0),
+    log_scale=st.floats(-4, 4),
+)
+def test_clipping_bound(shape, seed, nu, log_scale):
+    h = jnp.asarray(rand(seed, shape, 10.0**log_scale), jnp.float32)
+    tx = riemax.clip_tangent_norm(nu)
+    out, _ = tx.update(h, tx.init(h))
+    before, after = unit_norms(h), unit_norms(out)
+    assert np.all(after <= nu * (1 + 1e-6))
+    small = before <= nu
+    np.testing.assert_array_equal(np.asarray(out)[..., small], np.asarray(h)[..., small])
+    np.testing.assert_allclose(after[~small], nu, rtol=1e-6)
+
+
+def bn_loss(w, x, target):
+    """A BatchNorm-fed layer: per-unit standardised outputs (exactly scale-invariant)."""
+    z = x @ w.reshape(-1, w.shape[-1])
+    z = z - z.mean(axis=0)
+    z = z / jnp.sqrt(jnp.mean(z * z, axis=0))
+    return jnp.mean((jnp.tanh(z) - target) ** 2)
+
+
+@SETTINGS
+@given(
+    shape=kernel_shapes, seed=st.integers(0, 2**16), log_c=st.floats(-3, 3),
+    name=st.sampled_from(["sgdg", "adamg"]), omega=st.sampled_from([0.0, 0.1]),
+)
+def test_trajectory_is_invariant_to_kernel_scale(shape, seed, log_c, name, omega):
+    with x64():
+        n = int(np.prod(shape[:-1]))
+        x = jnp.asarray(rand(seed, (16, n)))
+        target = jnp.asarray(rand(seed + 1, (16, shape[-1]), 0.5))
+        w0 = jnp.asarray(rand(seed + 2, shape))
+        grad = jax.grad(bn_loss)
+        make = {"sgdg": riemax.sgdg, "adamg": riemax.adamg}[name]
+        tx = make(0.1, omega=omega, unit_eps=0.0)
+
+        def trajectory(w):
+            state, out = tx.init(w), []
+            for _ in range(6):
+                updates, state = tx.update(grad(w, x, target), state, w)
+                w = optax.apply_updates(w, updates)
+                out.append(w)
+            return out
+
+        for a, b in zip(trajectory(w0), trajectory(10.0**log_c * w0)):
+            np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+def test_norm_drift_after_1000_steps_float32():
+    shape = (3, 3, 4, 8)
+    w = jnp.asarray(unit_rand(0, shape), jnp.float32)
+    for tx in (riemax.sgdg(0.2), riemax.adamg(0.05)):
+        state = tx.init(w)
+
+        def body(i, carry):
+            w, state = carry
+            g = jax.random.normal(jax.random.fold_in(jax.random.key(0), i), shape)
+            updates, state = tx.update(g, state, w)
+            return optax.apply_updates(w, updates), state
+
+        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 1000, body, (w, s)))(w, state)
+        np.testing.assert_allclose(unit_norms(final), 1.0, atol=1e-5)
+
+
+def test_ortho_penalty_forms_agree_on_unit_kernels_and_match_autodiff():
+    with x64():
+        w = jnp.asarray(rand(0, (3, 3, 4, 8), 0.3))
+        g = jnp.zeros_like(w)
+        at_param = riemax.ortho_penalty(0.1, at="param")
+        got, _ = at_param.update(g, at_param.init(w), w)
+        want = jax.grad(lambda w: riemax.orthogonality_loss({"k": w}, 0.1))(w)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        u = jnp.asarray(unit_rand(1, (3, 3, 4, 8)))
+        at_unit = riemax.ortho_penalty(0.1, at="unit", unit_eps=0.0)
+        a, _ = at_unit.update(g, at_unit.init(u), u)
+        b, _ = at_param.update(g, at_param.init(u), u)
+        np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_orthogonality_loss_respects_labels():
+    params = {"conv": {"kernel": 2 * jnp.eye(3)}, "fc": {"kernel": 3 * jnp.eye(3)}}
+    labels = {"conv": {"kernel": "manifold"}, "fc": {"kernel": "euclidean"}}
+    np.testing.assert_allclose(riemax.orthogonality_loss(params, 1.0, labels), 0.5 * 27)
+    np.testing.assert_allclose(riemax.orthogonality_loss(params, 1.0), 0.5 * (27 + 192))
+
+
+def test_unit_init_has_unit_units_and_is_truncated():
+    w = riemax.unit_init(unit_eps=0.0)(jax.random.key(3), (5, 5, 32, 64))
+    np.testing.assert_allclose(unit_norms(w), 1.0, atol=1e-6)
+    raw = jax.random.truncated_normal(jax.random.key(3), -2.0, 2.0, (5, 5, 32, 64))
+    np.testing.assert_allclose(w, raw / unit_norms(raw), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        riemax.unit_init()(jax.random.key(0), (4,))
+
+
+# ------------------------------------------------------------------------ edge cases
+
+ALL_NAMED = {
+    **NAMED_SPHERE,
+    "adams": lambda: riemax.adams(1e-3, weight_decay=1e-4),
+    "adamsrt": lambda: riemax.adamsrt(1e-3, weight_decay=1e-4),
+    "sgdmrt": lambda: riemax.sgdmrt(0.1, weight_decay=1e-4),
+}
+
+
+def _edge_inputs(kind, dtype):
+    """Kernels with a zero unit, a unit with zero gradient and a huge-gradient unit."""
+    w = unit_rand(0, (3, 3, 4, 6))
+    g = rand(1, (3, 3, 4, 6))
+    huge = 1e4 if dtype == jnp.float16 else 1e15
+    if kind == "mixed":
+        w[..., 0] = 0.0
+        g[..., 1] = 0.0
+        g[..., 2] *= huge
+        w[..., 3], g[..., 3] = 0.0, 0.0
+    elif kind == "zero_grad":
+        g[:] = 0.0
+    elif kind == "huge_grad":
+        g *= huge
+    return jnp.asarray(w, dtype), jnp.asarray(g, dtype)
+
+
+EDGE_CASES = [("mixed", jnp.float32), ("mixed", jnp.bfloat16), ("mixed", jnp.float16),
+              ("zero_grad", jnp.float32), ("huge_grad", jnp.float32)]
+
+
+@pytest.mark.parametrize("name", list(ALL_NAMED))
+@pytest.mark.parametrize("kind, dtype", EDGE_CASES)
+def test_edge_cases_are_finite_in_value_and_gradient(name, kind, dtype):
+    w, g = _edge_inputs(kind, dtype)
+    tx = ALL_NAMED[name]()
+    state = tx.init(w)
+
+    def f(w, g):
+        updates, new_state = tx.update(g, state, w)
+        new = optax.apply_updates(w, updates)
+        return new, new_state
+
+    new, new_state = jax.jit(f)(w, g)
+    assert new.dtype == dtype
+    assert all(
+        np.all(np.isfinite(np.asarray(x, np.float32)))
+        for x in jax.tree.leaves((new, new_state))
+    )
+    for leaf, ref in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        assert leaf.dtype == ref.dtype
+        if leaf.ndim == w.ndim and leaf.dtype != jnp.int32:
+            assert leaf.dtype == jnp.promote_types(dtype, jnp.float32)
+
+    def scalar(w, g):
+        return jnp.sum(f(w, g)[0].astype(jnp.float32) ** 2)
+
+    gw, gg = jax.jit(jax.grad(scalar, argnums=(0, 1)))(w, g)
+    assert np.all(np.isfinite(np.asarray(gw, np.float32)))
+    assert np.all(np.isfinite(np.asarray(gg, np.float32)))
+    if name in NAMED_SPHERE:
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2
+        live = unit_norms(w) > 0
+        np.testing.assert_allclose(unit_norms(new)[live], 1.0, atol=tol)
+
+
+def test_zero_unit_takes_the_euclidean_step():
+    w, g = _edge_inputs("mixed", jnp.float32)
+    tx = riemax.sgdg(0.2, grad_clip=None, omega=0.0)
+    new = one_step(tx, w, g)
+    np.testing.assert_allclose(new[..., 0], -0.2 * g[..., 0], rtol=1e-6)
+    np.testing.assert_array_equal(new[..., 3], 0.0)
+
+
+def test_low_precision_drift_and_state_dtype():
+    w = jnp.asarray(unit_rand(0, (3, 3, 4, 8)), jnp.bfloat16)
+    for tx in (riemax.sgdg(0.2), riemax.adamg(0.05)):
+        state = tx.init(w)
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.float32)}
+
+        def body(i, carry):
+            w, state = carry
+            g = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), w.shape, w.dtype)
+            updates, state = tx.update(g, state, w)
+            return optax.apply_updates(w, updates), state
+
+        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 300, body, (w, s)))(w, state)
+        assert final.dtype == jnp.bfloat16
+        np.testing.assert_allclose(unit_norms(final), 1.0, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------- errors
+
+SPHERE_TRANSFORMS = {
+    "grassmann_project": riemax.grassmann_project,
+    "clip_tangent_norm": lambda: riemax.clip_tangent_norm(0.1),
+    "transported_momentum": lambda: riemax.transported_momentum(0.9),
+    "spherical_adam": riemax.spherical_adam,
+    "exp_map_update": riemax.exp_map_update,
+    "ortho_penalty": lambda: riemax.ortho_penalty(0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(SPHERE_TRANSFORMS))
+def test_one_dimensional_leaf_is_rejected_with_its_path(name):
+    params = {"block": {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}}
+    tx = SPHERE_TRANSFORMS[name]()
+    with pytest.raises(ValueError, match=r"'block/conv/bias' has shape \(4,\)"):
+        tx.init(params)
+
+
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_named_sphere_optimizer_rejects_bias(name):
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(ValueError, match="conv/bias.*riemax.hybrid"):
+        NAMED_SPHERE[name]().init(params)
+
+
+@pytest.mark.parametrize("name", list(ALL_NAMED))
+def test_missing_params_is_a_clear_error(name):
+    w = jnp.ones((4, 2))
+    tx = ALL_NAMED[name]()
+    with pytest.raises(ValueError, match="params"):
+        tx.update(w, tx.init(w))
+
+
+@pytest.mark.parametrize(
+    "make", [riemax.sgdg, riemax.adamg, riemax.adams, riemax.adamsrt, riemax.sgdmrt]
+)
+def test_negative_learning_rate_is_rejected(make):
+    with pytest.raises(ValueError, match="learning_rate must be non-negative, got -0.1"):
+        make(-0.1)
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="'unit' or 'param'"):
+        riemax.ortho_penalty(0.1, at="weights")
+    with pytest.raises(ValueError, match="unit_eps must be non-negative"):
+        riemax.sgdg(0.1, unit_eps=-1.0)
+    with pytest.raises(ValueError, match="max_norm must be non-negative"):
+        riemax.clip_tangent_norm(-0.5)
