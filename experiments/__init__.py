@@ -1,0 +1,1 @@
+"""Experiments and models that use :mod:`riemax` (not part of the library)."""
