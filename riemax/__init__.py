@@ -8,6 +8,7 @@ units on the unit sphere with composable :class:`optax.GradientTransformation`\\
 from riemax import _sphere as sphere
 from riemax._alias import adamg, adams, adamsrt, hybrid, sgdg, sgdmrt
 from riemax._enorm import apply_enorm, enorm_cycle, kernel_chain
+from riemax._fused import AdamgUpdateState, SgdgUpdateState, adamg_update, sgdg_update
 from riemax._labels import (
     EUCLIDEAN,
     MANIFOLD,
@@ -37,13 +38,16 @@ from riemax._transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamSState",
+    "AdamgUpdateState",
     "EUCLIDEAN",
     "MANIFOLD",
-    "AdamSState",
     "SgdMRTState",
+    "SgdgUpdateState",
     "SphericalAdamState",
     "TransportedMomentumState",
     "adamg",
+    "adamg_update",
     "adams",
     "adamsrt",
     "apply_enorm",
@@ -63,6 +67,7 @@ __all__ = [
     "scale_by_adams",
     "scale_by_sgdmrt",
     "sgdg",
+    "sgdg_update",
     "sgdmrt",
     "sphere",
     "spherical_adam",

@@ -13,7 +13,9 @@ Conventions shared by every transform here:
   (``unit(w) = w / (||w|| + unit_eps)``, and inside the exponential map and the
   transports). ``unit_eps=0`` gives exact geometry.
 * A unit whose parameter vector is exactly zero has no tangent space: every
-  transform passes the Euclidean quantity through unchanged there.
+  transform passes the Euclidean quantity through unchanged there, and the
+  momentum transforms store no momentum for it (once the unit has left the
+  origin, a Euclidean momentum from there has no tangent meaning).
 * Tangent-valued state (momentum) lives at the parameters it was computed at and
   is carried to the current parameters at the start of the next ``update``.
 """
@@ -314,7 +316,7 @@ def transported_momentum(
             tau = rescale_to(sphere.project(y, d_prev), length, axes)
             tau = jnp.where(w_norm > 0, tau, d_prev)
             d = momentum * tau + to_acc(u)
-            return d.astype(u.dtype), d.astype(d_prev.dtype)
+            return d.astype(u.dtype), jnp.where(w_norm > 0, d, 0).astype(d_prev.dtype)
 
         results = _map_units("transported_momentum", leaf, updates, state.trace, params)
         new_updates, trace = _unzip(updates, results, 2)
@@ -405,7 +407,8 @@ def spherical_adam(
             v = b2 * v + (1 - b2) * inner(h, h, axes)
             t = count.astype(v.dtype)
             alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
-            return safe_div(m, safe_sqrt(v + eps)) * alpha, m, v
+            step = safe_div(m, safe_sqrt(v + eps)) * alpha
+            return step, jnp.where(w_norm > 0, m, 0), v
 
         results = _map_units("spherical_adam", leaf, updates, state.mu, state.nu, params)
         steps, mu, nu = _unzip(updates, results, 3)

@@ -27,9 +27,53 @@ from helpers import (
 STEPS = 20
 
 
+def sgdg_chain(lr, momentum=0.9, grad_clip=0.1, omega=0.1, unit_eps=1e-8):
+    """SGD-G as the explicit chain of the composable transforms."""
+    return optax.chain(
+        riemax.ortho_penalty(omega, unit_eps=unit_eps),
+        riemax.grassmann_project(unit_eps),
+        riemax.clip_tangent_norm(grad_clip),
+        optax.scale_by_learning_rate(lr),
+        riemax.transported_momentum(momentum, unit_eps=unit_eps),
+        riemax.exp_map_update(unit_eps),
+    )
+
+
+def adamg_chain(lr, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1, unit_eps=1e-8):
+    """Adam-G as the explicit chain of the composable transforms."""
+    return optax.chain(
+        riemax.ortho_penalty(omega, unit_eps=unit_eps),
+        riemax.grassmann_project(unit_eps),
+        riemax.clip_tangent_norm(grad_clip),
+        riemax.spherical_adam(b1, b2, eps, unit_eps=unit_eps),
+        optax.scale_by_learning_rate(lr),
+        riemax.exp_map_update(unit_eps),
+    )
+
+
 def sphere_cases():
     for omega in (0.0, 0.1):
         for clip in (0.1, None):
+            yield pytest.param(
+                lambda ueps, omega=omega, clip=clip: sgdg_chain(
+                    0.2, 0.9, grad_clip=clip, omega=omega, unit_eps=ueps
+                ),
+                lambda ueps, omega=omega, clip=clip: (
+                    lambda n, w: ref.SGDG(w, 0.2, 0.9, grad_clip=clip, omega=omega, eps=ueps)
+                ),
+                id=f"sgdg_chain-omega{omega}-clip{clip}",
+            )
+            yield pytest.param(
+                lambda ueps, omega=omega, clip=clip: adamg_chain(
+                    0.05, grad_clip=clip, omega=omega, unit_eps=ueps
+                ),
+                lambda ueps, omega=omega, clip=clip: (
+                    lambda n, w: ref.AdamG(
+                        w, 0.05, grad_clip=clip, omega=omega, unit_eps=ueps
+                    )
+                ),
+                id=f"adamg_chain-omega{omega}-clip{clip}",
+            )
             yield pytest.param(
                 lambda ueps, omega=omega, clip=clip: riemax.sgdg(
                     0.2, 0.9, grad_clip=clip, omega=omega, unit_eps=ueps
@@ -189,3 +233,29 @@ def test_hybrid_parity_with_nesterov_companion():
 
     want = run_reference(make, p0, field, STEPS)
     assert max_abs_diff(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "fused, chain",
+    [
+        (lambda: riemax.sgdg(0.2, unit_eps=1e-8), lambda: sgdg_chain(0.2, unit_eps=1e-8)),
+        (lambda: riemax.sgdg(0.2, grad_clip=None, unit_eps=0.0),
+         lambda: sgdg_chain(0.2, grad_clip=None, unit_eps=0.0)),
+        (lambda: riemax.adamg(0.05, unit_eps=1e-8), lambda: adamg_chain(0.05, unit_eps=1e-8)),
+        (lambda: riemax.adamg(0.05, grad_clip=None, unit_eps=0.0),
+         lambda: adamg_chain(0.05, grad_clip=None, unit_eps=0.0)),
+    ],
+)
+def test_fused_step_equals_the_chain_with_zero_and_radial_units(fused, chain):
+    """The one-pass steps agree with the chains of transforms, edge units included."""
+    p0 = init_params(6)
+    p0["conv"][..., 0] = 0.0  # zero-norm unit: Euclidean step
+    field = GradientField(SHAPES, STEPS, scale=0.05)  # realistic steps (see above)
+    radial = field.r["dense"]
+    for k in range(STEPS):  # a purely radial gradient on one dense unit
+        radial[k][:, 1] = 0.0
+    with x64():
+        a, _ = run_riemax(fused(), p0, field, STEPS, np.float64)
+        b, _ = run_riemax(chain(), p0, field, STEPS, np.float64)
+    assert max_abs_diff(a, b) <= 1e-12
+    assert max_abs_diff(a, p0) > 0.1

@@ -273,6 +273,14 @@ def test_zero_unit_takes_the_euclidean_step():
     new = one_step(tx, w, g)
     np.testing.assert_allclose(new[..., 0], -0.2 * g[..., 0], rtol=1e-6)
     np.testing.assert_array_equal(new[..., 3], 0.0)
+    # No momentum is carried out of the origin (it would be radial at the new
+    # point), in the one-pass step and in the chain of transforms alike.
+    for tx in (riemax.sgdg(0.2), riemax.adamg(0.05), riemax.transported_momentum(0.9),
+               riemax.spherical_adam()):
+        _, state = tx.update(g, tx.init(w), w)
+        buf = [x for x in jax.tree.leaves(state) if x.shape == w.shape][0]
+        np.testing.assert_array_equal(buf[..., 0], 0.0)
+        assert np.all(np.asarray(buf[..., 2]) != 0)
 
 
 def test_low_precision_drift_and_state_dtype():
