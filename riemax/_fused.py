@@ -32,7 +32,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from riemax._numerics import acc_dtype, check_nonnegative, inner, safe_div, safe_sqrt, to_acc, unit_axes
+from riemax._numerics import (
+    acc_dtype,
+    check_nonnegative,
+    inner,
+    per_unit,
+    safe_div,
+    safe_sqrt,
+    to_acc,
+    unit_axes,
+)
 from riemax._transforms import (
     _check_units,
     _map_units,
@@ -187,9 +196,14 @@ def sgdg_update(
             theta = _step_norm(momentum, t_m, t_w, length * length, -lr, hg, hw, hh, gram)
             a_m, a_g, a_w = momentum * t_m, -lr * hg, momentum * t_w - lr * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
-            d = a_m * d_prev + a_g * g + a_w * w_acc
-            delta = jnp.where(live, (ck - 1) * w_acc + b * d, d)
-            return delta.astype(w.dtype), jnp.where(live, d, 0)
+            # d = a_m d_prev + a_g g + a_w w; update = Exp_y(d) - w on live units.
+            f = jnp.where(live, b, 1.0)
+            e_m, e_g, e_w = f * a_m, f * a_g, f * a_w + jnp.where(live, ck - 1, 0.0)
+            keep = live.astype(a_m.dtype)
+            a_m, a_g, a_w, e_m, e_g, e_w, keep = per_unit(a_m, a_g, a_w, e_m, e_g, e_w, keep)
+            d = keep * (a_m * d_prev + a_g * g + a_w * w_acc)
+            delta = e_m * d_prev + e_g * g + e_w * w_acc
+            return delta.astype(w.dtype), d
 
         results = _map_units("sgdg_update", leaf, updates, state.trace, params)
         deltas, trace = _unzip(updates, results, 2)
@@ -288,9 +302,14 @@ def adamg_update(
             theta = jnp.abs(scale) * norm_m
             a_m, a_g, a_w = b1 * t_m, (1 - b1) * hg, b1 * t_w + (1 - b1) * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
-            m_new = a_m * m + a_g * g + a_w * w_acc
-            delta = jnp.where(live, (ck - 1) * w_acc + (b * scale) * m_new, scale * m_new)
-            return delta.astype(w.dtype), jnp.where(live, m_new, 0), v
+            # update = Exp_y(scale * m_new) - w on live units, scale * m_new elsewhere.
+            f = scale * jnp.where(live, b, 1.0)
+            e_m, e_g, e_w = f * a_m, f * a_g, f * a_w + jnp.where(live, ck - 1, 0.0)
+            keep = live.astype(a_m.dtype)
+            a_m, a_g, a_w, e_m, e_g, e_w, keep = per_unit(a_m, a_g, a_w, e_m, e_g, e_w, keep)
+            m_new = keep * (a_m * m + a_g * g + a_w * w_acc)
+            delta = e_m * m + e_g * g + e_w * w_acc
+            return delta.astype(w.dtype), m_new, v
 
         results = _map_units("adamg_update", leaf, updates, state.mu, state.nu, params)
         deltas, mu, nu = _unzip(updates, results, 3)

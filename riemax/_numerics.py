@@ -94,6 +94,23 @@ def rescale_to(x: jax.Array, target: jax.Array, axes: Sequence[int]) -> jax.Arra
     return x * safe_div(target, norm(x, axes))
 
 
+def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
+    """Returns the per-unit coefficient arrays unchanged, computed once per unit.
+
+    XLA fuses scalar math on per-unit values (square roots, divisions, sin, cos)
+    into the elementwise loop that broadcasts them, evaluating it once per
+    *element*: on large kernels that costs more than the memory traffic of the
+    whole step. A genuine reduction is never fused into its consumers, so the
+    coefficients are stacked and passed through a sum over a size-2 axis whose
+    second slot is 0 (exact: ``c + 0``, also for inf and NaN). On CPU
+    ``lax.optimization_barrier`` does not prevent that fusion.
+    """
+    stacked = jnp.stack(jnp.broadcast_arrays(*coefficients))
+    first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
+    once = jnp.sum(jnp.where(first, stacked[None], 0), axis=0)
+    return tuple(once[i] for i in range(len(coefficients)))
+
+
 def check_nonnegative(name: str, value) -> None:
     """Raises ``ValueError`` for a negative Python number (arrays are not checked)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from riemax._numerics import inner, norm, normalize, safe_div, unit_axes
+from riemax._numerics import inner, norm, normalize, per_unit, safe_div, unit_axes
 
 DEFAULT_EPS = 1e-8
 
@@ -93,7 +93,8 @@ def expmap(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     # sin(theta) * h / (theta + eps), written with sinc so that value and gradient
     # are exact at h = 0 when eps = 0.
     ratio = jnp.where(theta + eps > 0, safe_div(theta, theta + eps), 1.0)
-    return jnp.cos(theta) * y + jnp.sinc(theta / jnp.pi) * ratio * h
+    c, s = per_unit(jnp.cos(theta), jnp.sinc(theta / jnp.pi) * ratio)
+    return c * y + s * h
 
 
 def transport(
@@ -181,7 +182,7 @@ def clip(h: jax.Array, max_norm: float) -> jax.Array:
              [0.8, 0. ]], dtype=float32)
     """
     n = norm(h, unit_axes(h.ndim))
-    return h * jnp.where(n > max_norm, safe_div(max_norm, n), 1.0)
+    return h * per_unit(jnp.where(n > max_norm, safe_div(max_norm, n), 1.0))[0]
 
 
 def gram_residual_grad(w: jax.Array) -> jax.Array:

@@ -38,6 +38,7 @@ from riemax._numerics import (
     inner,
     norm,
     normalize,
+    per_unit,
     rescale_to,
     safe_div,
     safe_sqrt,
@@ -721,13 +722,14 @@ def scale_by_adams(
             bc1, bc2 = 1 - b1**t, 1 - b2**t
             # delta = -s * m with one scalar s per group.
             s = lr * d**0.5 / bc1 / (safe_sqrt(v) / jnp.sqrt(bc2) + eps)
-            delta = -s * m
-            if transport and d > 1:
-                ww, wm, mm = inner(w_acc, w_acc, axes), inner(w_acc, m, axes), inner(m, m, axes)
-                x1x2, x2x2, mx2 = ww - s * wm, ww - 2 * s * wm + s * s * mm, wm - s * mm
-                v = v * safe_div(ww, x2x2 + eps)
-                m = safe_div(x1x2 * m - mx2 * w_acc, x2x2 + eps)
-            return delta.astype(w.dtype), m, v
+            if not (transport and d > 1):
+                s = per_unit(s)[0] if d > 1 else s
+                return (-s * m).astype(w.dtype), m, v
+            ww, wm, mm = inner(w_acc, w_acc, axes), inner(w_acc, m, axes), inner(m, m, axes)
+            x1x2, x2x2, mx2 = ww - s * wm, ww - 2 * s * wm + s * s * mm, wm - s * mm
+            v = v * safe_div(ww, x2x2 + eps)
+            s, a, c = per_unit(s, safe_div(x1x2, x2x2 + eps), safe_div(mx2, x2x2 + eps))
+            return (-s * m).astype(w.dtype), a * m - c * w_acc, v
 
         results = jax.tree.map(leaf, updates, state.mu, state.nu, params)
         deltas, mu, nu = _unzip(updates, results, 3)
@@ -806,7 +808,11 @@ def scale_by_sgdmrt(
             if group_size(w.shape, axes) > 1:
                 ww, wb, bb = inner(w_acc, w_acc, axes), inner(w_acc, b, axes), inner(b, b, axes)
                 x1x2, x2x2, bx2 = ww - lr * wb, ww - 2 * lr * wb + lr * lr * bb, wb - lr * bb
-                b = jnp.where(x2x2 > 0, safe_div(x1x2 * b - bx2 * w_acc, x2x2), b)
+                # b <- (x1x2 b - bx2 w) / x2x2; a group landing at 0 keeps its b.
+                a, c = per_unit(
+                    jnp.where(x2x2 > 0, safe_div(x1x2, x2x2), 1.0), safe_div(bx2, x2x2)
+                )
+                b = a * b - c * w_acc
             return delta.astype(w.dtype), b
 
         results = jax.tree.map(leaf, updates, state.trace, params)
