@@ -187,7 +187,11 @@ def adams(
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         scale_by_adams(
-            _checked_lr(learning_rate), b1, b2, eps, channel_axes=channel_axes,
+            _checked_lr(learning_rate),
+            b1,
+            b2,
+            eps,
+            channel_axes=channel_axes,
             transport=False,
         ),
     )
@@ -236,7 +240,11 @@ def adamsrt(
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         scale_by_adams(
-            _checked_lr(learning_rate), b1, b2, eps, channel_axes=channel_axes,
+            _checked_lr(learning_rate),
+            b1,
+            b2,
+            eps,
+            channel_axes=channel_axes,
             transport=True,
         ),
     )
@@ -311,8 +319,8 @@ def hybrid(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, riemax
-      >>> params = {"conv": {"kernel": riemax.unit_init()(jax.random.key(0), (3, 3, 4, 8)),
-      ...                    "bias": jnp.zeros(8)}}
+      >>> kernel = riemax.unit_init()(jax.random.key(0), (3, 3, 4, 8))
+      >>> params = {"conv": {"kernel": kernel, "bias": jnp.zeros(8)}}
       >>> tx = riemax.hybrid(riemax.sgdg(0.2), optax.sgd(0.01, 0.9, nesterov=True),
       ...                    riemax.labels_by_rule)
       >>> updates, state = tx.update(params, tx.init(params), params)

@@ -468,9 +468,7 @@ def apply_enorm(
     unknown = [q for q in paths if q not in index]
     repeated = sorted({q for q in paths if paths.count(q) > 1})
     if unknown or repeated:
-        available = [
-            q for q, n in index.items() if getattr(values[n], "ndim", 0) >= 2
-        ]
+        available = [q for q, n in index.items() if getattr(values[n], "ndim", 0) >= 2]
         problem = (
             f"unknown path(s) {unknown}" if unknown else f"repeated path(s) {repeated}"
         )

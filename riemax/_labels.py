@@ -127,9 +127,7 @@ def check_labels(params: Any, labels: Any) -> Any:
     param_items = _flatten(params)
     if isinstance(labels, str):
         if not _is_label(labels):
-            raise ValueError(
-                f"label {labels!r} is not {MANIFOLD!r} or {EUCLIDEAN!r}"
-            )
+            raise ValueError(f"label {labels!r} is not {MANIFOLD!r} or {EUCLIDEAN!r}")
         return jax.tree.map(lambda _: labels, params)
     label_items = _flatten(labels)
     lookup = dict(label_items)
@@ -447,7 +445,7 @@ def _trace_nnx(model: Any, sample_input: Any, call_kwargs: dict[str, Any]):
 
     with _nnx_patched(recorder, paths):
         closed = jax.make_jaxpr(forward)(state, sample_input)
-    invars = dict(zip(names, closed.jaxpr.invars[: len(names)]))
+    invars = dict(zip(names, closed.jaxpr.invars[: len(names)], strict=False))
     return closed.jaxpr, recorder, invars
 
 
@@ -492,7 +490,7 @@ def _trace_linen(
 
     closed = jax.make_jaxpr(forward)(variables, sample_input)
     invars = {}
-    for (name, _), var in zip(_flatten(variables), closed.jaxpr.invars):
+    for (name, _), var in zip(_flatten(variables), closed.jaxpr.invars, strict=False):
         if name.startswith("params/"):
             invars[name[len("params/") :]] = var
     return closed.jaxpr, recorder, invars
@@ -924,11 +922,15 @@ def labels_by_invariance(
     @jax.jit
     def measure(leaves, factors, batch):
         loss, grads = jax.value_and_grad(loss_of)(leaves, batch)
-        stats = [None if f is None else _unit_stats(g, w)
-                 for f, g, w in zip(factors, grads, leaves)]
+        stats = [
+            None if f is None else _unit_stats(g, w)
+            for f, g, w in zip(factors, grads, leaves, strict=False)
+        ]
 
         def scaled_loss(fs):
-            scaled = [w if f is None else w * f for w, f in zip(leaves, fs)]
+            scaled = [
+                w if f is None else w * f for w, f in zip(leaves, fs, strict=True)
+            ]
             return loss_of(scaled, batch)
 
         if not tested:
@@ -939,7 +941,7 @@ def labels_by_invariance(
     loss = float(loss)
     labels, details = [], {}
     n_uniform = len(log_alphas)
-    for i, (name, leaf) in enumerate(zip(names, leaves)):
+    for i, (name, leaf) in enumerate(zip(names, leaves, strict=False)):
         if factors[i] is None:
             labels.append(EUCLIDEAN)
             why = (
@@ -960,9 +962,7 @@ def labels_by_invariance(
         change = np.abs(losses - loss) / max(abs(loss), np.finfo(np.float64).tiny)
         max_cos, max_change = float(cos.max()), float(change.max())
         uniform_change = float(change[:n_uniform].max())
-        measured = (
-            f"max|<g,w>|/(|g||w|)={max_cos:.1e}, max|dL|/|L|={max_change:.1e}"
-        )
+        measured = f"max|<g,w>|/(|g||w|)={max_cos:.1e}, max|dL|/|L|={max_change:.1e}"
         finite = np.all(np.isfinite([loss, *inner, *g2, *losses]))
         if not finite:
             label, why = EUCLIDEAN, "loss or gradient not finite"
@@ -971,9 +971,12 @@ def labels_by_invariance(
         elif max_cos <= tol and max_change <= tol:
             label, why = MANIFOLD, f"invariant: {measured}"
         elif whole <= tol and uniform_change <= tol:
-            label, why = EUCLIDEAN, (
-                "invariant only as a whole tensor, not per unit (e.g. LayerNorm): "
-                + measured
+            label, why = (
+                EUCLIDEAN,
+                (
+                    "invariant only as a whole tensor, not per unit (e.g. LayerNorm): "
+                    + measured
+                ),
             )
         else:
             label, why = EUCLIDEAN, f"not invariant: {measured}"
@@ -1040,7 +1043,9 @@ def label_report(
         counts[label][2] += math.prod(shape)
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
     lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths))
+        "  ".join(
+            cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)
+        )
         + "  "
         + row[3]
         for row in rows

@@ -85,7 +85,8 @@ def expmap(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
       >>> import jax.numpy as jnp
       >>> from riemax import sphere
       >>> y, h = jnp.array([[1.0], [0.0]]), jnp.array([[0.0], [jnp.pi / 2]])
-      >>> jnp.allclose(sphere.expmap(y, h, eps=0.0).ravel(), jnp.array([0.0, 1.0]), atol=1e-7)
+      >>> z = sphere.expmap(y, h, eps=0.0).ravel()
+      >>> jnp.allclose(z, jnp.array([0.0, 1.0]), atol=1e-7)
       Array(True, dtype=bool)
     """
     axes = unit_axes(h.ndim)

@@ -118,7 +118,9 @@ def _check_units(name: str, params: Any) -> None:
 
 def _unzip(template: Any, results: Any, n: int) -> tuple[Any, ...]:
     """Splits a tree of n-tuples (structured like ``template``) into n trees."""
-    return tuple(jax.tree.map(lambda _, r: r[i], template, results) for i in range(n))
+    return tuple(
+        jax.tree.map(lambda _, r, i=i: r[i], template, results) for i in range(n)
+    )
 
 
 def _state_dtype(p: jax.Array, mu_dtype: Any) -> jnp.dtype:
@@ -127,6 +129,14 @@ def _state_dtype(p: jax.Array, mu_dtype: Any) -> jnp.dtype:
 
 def _zeros_like_state(params: Any, mu_dtype: Any) -> Any:
     return jax.tree.map(lambda p: jnp.zeros(p.shape, _state_dtype(p, mu_dtype)), params)
+
+
+def _zeros_per_unit(params: Any) -> Any:
+    """One float32-or-wider zero per unit, shaped ``(1, ..., 1, out)``."""
+    return jax.tree.map(
+        lambda p: jnp.zeros((1,) * (p.ndim - 1) + p.shape[-1:], acc_dtype(p.dtype)),
+        params,
+    )
 
 
 def _unit_of(w: jax.Array, unit_eps) -> tuple[jax.Array, jax.Array]:
@@ -271,7 +281,8 @@ def transported_momentum(
     restoring its length. The restored length is
     :math:`\|d\|^2 / (\|d\| + \epsilon_u)`, the length the original transport
     formula gives, so the default ``unit_eps`` follows the reference implementation
-    to :math:`O(\epsilon_u \theta^2)`. For angular steps beyond that the sign is restored from :math:`\cos\|d\|`
+    to :math:`O(\epsilon_u \theta^2)`. For angular steps beyond that the sign is
+    restored from :math:`\cos\|d\|`
     (the step is the stored momentum itself), so any step length is exact.
 
     Args:
@@ -386,12 +397,10 @@ def spherical_adam(
 
     def init_fn(params):
         _check_units("spherical_adam", params)
-        nu = jax.tree.map(
-            lambda p: jnp.zeros((1,) * (p.ndim - 1) + p.shape[-1:], acc_dtype(p.dtype)),
-            params,
-        )
         return SphericalAdamState(
-            count=jnp.zeros([], jnp.int32), mu=_zeros_like_state(params, mu_dtype), nu=nu
+            count=jnp.zeros([], jnp.int32),
+            mu=_zeros_like_state(params, mu_dtype),
+            nu=_zeros_per_unit(params),
         )
 
     def update_fn(updates, state, params=None):
@@ -402,7 +411,9 @@ def spherical_adam(
             axes = unit_axes(w.ndim)
             y, w_norm = _unit_of(w, unit_eps)
             m = to_acc(m)
-            m = jnp.where(w_norm > 0, rescale_to(sphere.project(y, m), norm(m, axes), axes), m)
+            m = jnp.where(
+                w_norm > 0, rescale_to(sphere.project(y, m), norm(m, axes), axes), m
+            )
             h = to_acc(h)
             m = b1 * m + (1 - b1) * h
             v = b2 * v + (1 - b2) * inner(h, h, axes)
@@ -411,7 +422,9 @@ def spherical_adam(
             step = safe_div(m, safe_sqrt(v + eps)) * alpha
             return step, jnp.where(w_norm > 0, m, 0), v
 
-        results = _map_units("spherical_adam", leaf, updates, state.mu, state.nu, params)
+        results = _map_units(
+            "spherical_adam", leaf, updates, state.mu, state.nu, params
+        )
         steps, mu, nu = _unzip(updates, results, 3)
         steps = optax.tree.cast_like(steps, updates)
         return steps, SphericalAdamState(
@@ -534,9 +547,9 @@ def ortho_penalty(
 
         def leaf(g, w):
             if at == "param":
-                return (to_acc(g) + omega * sphere.gram_residual_grad(to_acc(w))).astype(
-                    g.dtype
-                )
+                return (
+                    to_acc(g) + omega * sphere.gram_residual_grad(to_acc(w))
+                ).astype(g.dtype)
             y, w_norm = _unit_of(w, unit_eps)
             grad = safe_div(omega * sphere.gram_residual_grad(y), w_norm)
             return (to_acc(g) + grad).astype(g.dtype)
@@ -725,7 +738,11 @@ def scale_by_adams(
             if not (transport and d > 1):
                 s = per_unit(s)[0] if d > 1 else s
                 return (-s * m).astype(w.dtype), m, v
-            ww, wm, mm = inner(w_acc, w_acc, axes), inner(w_acc, m, axes), inner(m, m, axes)
+            ww, wm, mm = (
+                inner(w_acc, w_acc, axes),
+                inner(w_acc, m, axes),
+                inner(m, m, axes),
+            )
             x1x2, x2x2, mx2 = ww - s * wm, ww - 2 * s * wm + s * s * mm, wm - s * mm
             v = v * safe_div(ww, x2x2 + eps)
             s, a, c = per_unit(s, safe_div(x1x2, x2x2 + eps), safe_div(mx2, x2x2 + eps))
@@ -806,8 +823,16 @@ def scale_by_sgdmrt(
             b = momentum * to_acc(b) + to_acc(g)
             delta = -lr * b
             if group_size(w.shape, axes) > 1:
-                ww, wb, bb = inner(w_acc, w_acc, axes), inner(w_acc, b, axes), inner(b, b, axes)
-                x1x2, x2x2, bx2 = ww - lr * wb, ww - 2 * lr * wb + lr * lr * bb, wb - lr * bb
+                ww, wb, bb = (
+                    inner(w_acc, w_acc, axes),
+                    inner(w_acc, b, axes),
+                    inner(b, b, axes),
+                )
+                x1x2, x2x2, bx2 = (
+                    ww - lr * wb,
+                    ww - 2 * lr * wb + lr * lr * bb,
+                    wb - lr * bb,
+                )
                 # b <- (x1x2 b - bx2 w) / x2x2; a group landing at 0 keeps its b.
                 a, c = per_unit(
                     jnp.where(x2x2 > 0, safe_div(x1x2, x2x2), 1.0), safe_div(bx2, x2x2)

@@ -29,8 +29,10 @@ def path_str(path: tuple[Any, ...]) -> str:
       ['block/conv/kernel']
     """
     names = [_key_name(k) for k in path]
-    if names and names[-1] == "value" and isinstance(
-        path[-1], jax.tree_util.GetAttrKey
+    if (
+        names
+        and names[-1] == "value"
+        and isinstance(path[-1], jax.tree_util.GetAttrKey)
     ):
         names = names[:-1]
     return "/".join(names)

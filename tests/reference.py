@@ -71,7 +71,13 @@ def ortho_grad(y, omega):
 
 class SGDG:
     def __init__(self, w, lr, momentum=0.9, grad_clip=0.1, omega=0.1, eps=EPS_U):
-        self.lr, self.mom, self.nu, self.omega, self.eps = lr, momentum, grad_clip, omega, eps
+        self.lr, self.mom, self.nu, self.omega, self.eps = (
+            lr,
+            momentum,
+            grad_clip,
+            omega,
+            eps,
+        )
         self.tau = np.zeros_like(w)
 
     def step(self, w, g, lr=None):
@@ -92,8 +98,9 @@ class SGDG:
 
 
 class AdamG:
-    def __init__(self, w, lr, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1,
-                 unit_eps=EPS_U):
+    def __init__(
+        self, w, lr, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1, unit_eps=EPS_U
+    ):
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
         self.nu, self.omega, self.ueps = grad_clip, omega, unit_eps
         self.m = np.zeros_like(w)
@@ -145,9 +152,25 @@ def reduced_axes(ndim, channel_axes):
 
 
 class AdamSRT:
-    def __init__(self, w, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                 channel_axes=(-1,), rt=True):
-        self.lr, self.b1, self.b2, self.eps, self.wd, self.rt = lr, b1, b2, eps, weight_decay, rt
+    def __init__(
+        self,
+        w,
+        lr,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        channel_axes=(-1,),
+        rt=True,
+    ):
+        self.lr, self.b1, self.b2, self.eps, self.wd, self.rt = (
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            rt,
+        )
         self.R = reduced_axes(w.ndim, channel_axes)
         self.d = int(np.prod([w.shape[a] for a in self.R])) if self.R else 1
         self.t = 0
@@ -167,7 +190,12 @@ class AdamSRT:
         w_new = w + (-lr * np.sqrt(self.d)) * (self.m / bc1) / denom
         if self.rt and self.d > 1:
             x1, x2 = w, w_new
-            x1x1, x1x2, x2x2, mx2 = dot(x1, x1, R), dot(x1, x2, R), dot(x2, x2, R), dot(self.m, x2, R)
+            x1x1, x1x2, x2x2, mx2 = (
+                dot(x1, x1, R),
+                dot(x1, x2, R),
+                dot(x2, x2, R),
+                dot(self.m, x2, R),
+            )
             self.v = self.v * x1x1 / (x2x2 + self.eps)
             self.m = (x1x2 * self.m - mx2 * x1) / (x2x2 + self.eps)
         return w_new
@@ -189,5 +217,7 @@ class SGDMRT:
         w_new = w - lr * self.b
         if self.d > 1:
             x1, x2 = w, w_new
-            self.b = (dot(x1, x2, R) * self.b - dot(self.b, x2, R) * x1) / dot(x2, x2, R)
+            self.b = (dot(x1, x2, R) * self.b - dot(self.b, x2, R) * x1) / dot(
+                x2, x2, R
+            )
         return w_new

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import unit_norms
 
 import riemax
-from helpers import unit_norms
 
 KERNEL = (3, 3, 4, 8)
 
@@ -88,7 +88,9 @@ def test_schedule_learning_rate_under_inject_hyperparams():
     a, state = run(injected, kernel(), 3)
     b, _ = run(riemax.sgdg(sched), kernel(), 3)
     np.testing.assert_allclose(a, b, atol=1e-6)
-    np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.2 * 0.5**2, rtol=1e-6)
+    np.testing.assert_allclose(
+        state.hyperparams["learning_rate"], 0.2 * 0.5**2, rtol=1e-6
+    )
 
 
 def test_inside_chain_after_global_clipping():
@@ -108,7 +110,11 @@ def test_partition_with_frozen_third_group():
     params = {"conv": kernel(), "bias": jnp.ones(8), "fc": jnp.ones((8, 3))}
     labels = {"conv": "manifold", "bias": "euclidean", "fc": "frozen"}
     tx = optax.partition(
-        {"manifold": riemax.adamg(0.05), "euclidean": optax.sgd(0.1), "frozen": optax.set_to_zero()},
+        {
+            "manifold": riemax.adamg(0.05),
+            "euclidean": optax.sgd(0.1),
+            "frozen": optax.set_to_zero(),
+        },
         labels,
     )
     state = tx.init(params)
@@ -154,7 +160,9 @@ def test_drives_nnx_optimizer_with_hybrid_labels():
 
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.conv0 = nnx.Conv(3, 8, (3, 3), use_bias=False, kernel_init=riemax.unit_init(), rngs=rngs)
+            self.conv0 = nnx.Conv(
+                3, 8, (3, 3), use_bias=False, kernel_init=riemax.unit_init(), rngs=rngs
+            )
             self.bn0 = nnx.BatchNorm(8, rngs=rngs)
             self.fc = nnx.Linear(8, 4, rngs=rngs)
 
@@ -164,7 +172,9 @@ def test_drives_nnx_optimizer_with_hybrid_labels():
 
     model = Net(nnx.Rngs(0))
     tx = riemax.hybrid(
-        riemax.sgdg(0.2), optax.sgd(0.05, momentum=0.9, nesterov=True), riemax.labels_by_rule
+        riemax.sgdg(0.2),
+        optax.sgd(0.05, momentum=0.9, nesterov=True),
+        riemax.labels_by_rule,
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(1), (16, 6, 6, 3))
@@ -191,7 +201,9 @@ def test_state_round_trips_through_orbax(name, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     params = {"conv": kernel(), "bias": jnp.zeros(8)}
     labels = {"conv": "manifold", "bias": "euclidean"}
-    tx = riemax.hybrid(NAMED[name](), optax.sgd(0.1, momentum=0.9, nesterov=True), labels)
+    tx = riemax.hybrid(
+        NAMED[name](), optax.sgd(0.1, momentum=0.9, nesterov=True), labels
+    )
     state = tx.init(params)
     for k in range(2):
         g = {"conv": grads(k), "bias": jnp.ones(8)}
@@ -203,13 +215,14 @@ def test_state_round_trips_through_orbax(name, tmp_path):
         target = jax.tree.map(jnp.zeros_like, tx.init(params))
         restored = mngr.restore(2, args=ocp.args.StandardRestore(target))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=False):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     # ... and training continues identically from the restored state.
     g = {"conv": grads(5), "bias": jnp.ones(8)}
     np.testing.assert_array_equal(
-        tx.update(g, restored, params)[0]["conv"], tx.update(g, state, params)[0]["conv"]
+        tx.update(g, restored, params)[0]["conv"],
+        tx.update(g, state, params)[0]["conv"],
     )
 
 
@@ -264,9 +277,17 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_pmap_and_named_sharding_match_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
     out = subprocess.run(
-        [sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", MULTI_DEVICE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ERRORS" in out.stdout

@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 import pytest
-
 import reference as ref
-import riemax
 from helpers import (
     SHAPES,
     GradientField,
@@ -23,6 +21,8 @@ from helpers import (
     run_riemax,
     x64,
 )
+
+import riemax
 
 STEPS = 20
 
@@ -59,7 +59,9 @@ def sphere_cases():
                     0.2, 0.9, grad_clip=clip, omega=omega, unit_eps=ueps
                 ),
                 lambda ueps, omega=omega, clip=clip: (
-                    lambda n, w: ref.SGDG(w, 0.2, 0.9, grad_clip=clip, omega=omega, eps=ueps)
+                    lambda n, w: ref.SGDG(
+                        w, 0.2, 0.9, grad_clip=clip, omega=omega, eps=ueps
+                    )
                 ),
                 id=f"sgdg_chain-omega{omega}-clip{clip}",
             )
@@ -79,7 +81,9 @@ def sphere_cases():
                     0.2, 0.9, grad_clip=clip, omega=omega, unit_eps=ueps
                 ),
                 lambda ueps, omega=omega, clip=clip: (
-                    lambda n, w: ref.SGDG(w, 0.2, 0.9, grad_clip=clip, omega=omega, eps=ueps)
+                    lambda n, w: ref.SGDG(
+                        w, 0.2, 0.9, grad_clip=clip, omega=omega, eps=ueps
+                    )
                 ),
                 id=f"sgdg-omega{omega}-clip{clip}",
             )
@@ -131,17 +135,27 @@ def test_sphere_optimizers_float32(make_tx, make_ref, request):
 def srt_cases():
     for wd in (0.0, 5e-4):
         for name, tx, mk in (
-            ("adamsrt", riemax.adamsrt, lambda w, wd, ax: ref.AdamSRT(
-                w, 1e-2, 0.9, 0.99, weight_decay=wd, channel_axes=ax, rt=True)),
-            ("adams", riemax.adams, lambda w, wd, ax: ref.AdamSRT(
-                w, 1e-2, 0.9, 0.99, weight_decay=wd, channel_axes=ax, rt=False)),
+            (
+                "adamsrt",
+                riemax.adamsrt,
+                lambda w, wd, ax: ref.AdamSRT(
+                    w, 1e-2, 0.9, 0.99, weight_decay=wd, channel_axes=ax, rt=True
+                ),
+            ),
+            (
+                "adams",
+                riemax.adams,
+                lambda w, wd, ax: ref.AdamSRT(
+                    w, 1e-2, 0.9, 0.99, weight_decay=wd, channel_axes=ax, rt=False
+                ),
+            ),
         ):
             for axes in ((-1,), (), None):
                 yield pytest.param(
                     lambda tx=tx, wd=wd, axes=axes: tx(
                         1e-2, 0.9, 0.99, weight_decay=wd, channel_axes=axes
                     ),
-                    lambda mk=mk, wd=wd, axes=axes: (lambda n, w: mk(w, wd, axes)),
+                    lambda mk=mk, wd=wd, axes=axes: lambda n, w: mk(w, wd, axes),
                     id=f"{name}-wd{wd}-axes{axes}",
                 )
         for axes in ((-1,), (), None):
@@ -150,7 +164,9 @@ def srt_cases():
                     0.1, 0.9, weight_decay=wd, channel_axes=axes
                 ),
                 lambda wd=wd, axes=axes: (
-                    lambda n, w: ref.SGDMRT(w, 0.1, 0.9, weight_decay=wd, channel_axes=axes)
+                    lambda n, w: ref.SGDMRT(
+                        w, 0.1, 0.9, weight_decay=wd, channel_axes=axes
+                    )
                 ),
                 id=f"sgdmrt-wd{wd}-axes{axes}",
             )
@@ -185,10 +201,14 @@ def test_elementwise_groups_reduce_to_optax():
     p0 = init_params(3, SRT_SHAPES, on_sphere=False)
     field = GradientField(SRT_SHAPES, STEPS)
     pairs = [
-        (riemax.adamsrt(1e-2, weight_decay=1e-3, channel_axes=None),
-         optax.chain(optax.add_decayed_weights(1e-3), optax.adam(1e-2))),
-        (riemax.sgdmrt(0.1, 0.9, weight_decay=1e-3, channel_axes=None),
-         optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, 0.9))),
+        (
+            riemax.adamsrt(1e-2, weight_decay=1e-3, channel_axes=None),
+            optax.chain(optax.add_decayed_weights(1e-3), optax.adam(1e-2)),
+        ),
+        (
+            riemax.sgdmrt(0.1, 0.9, weight_decay=1e-3, channel_axes=None),
+            optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, 0.9)),
+        ),
     ]
     for ours, theirs in pairs:
         a, _ = run_riemax(ours, p0, field, STEPS, np.float32)
@@ -202,7 +222,9 @@ def test_schedule_parity_float64():
     p0 = init_params(4)
     field = GradientField(SHAPES, STEPS)
     with x64():
-        got, _ = run_riemax(riemax.sgdg(sched, unit_eps=0.0), p0, field, STEPS, np.float64)
+        got, _ = run_riemax(
+            riemax.sgdg(sched, unit_eps=0.0), p0, field, STEPS, np.float64
+        )
         lrs = [float(sched(k)) for k in range(STEPS)]
     assert lrs[4] == 0.2 and lrs[5] != 0.2
     want = run_reference(
@@ -220,7 +242,9 @@ def test_hybrid_parity_with_nesterov_companion():
     labels = {"conv": "manifold", "bias": "euclidean", "fc": "euclidean"}
     tx = riemax.hybrid(
         riemax.sgdg(0.2, unit_eps=0.0),
-        optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, 0.9, nesterov=True)),
+        optax.chain(
+            optax.add_decayed_weights(5e-4), optax.sgd(0.01, 0.9, nesterov=True)
+        ),
         labels,
     )
     with x64():
@@ -238,12 +262,22 @@ def test_hybrid_parity_with_nesterov_companion():
 @pytest.mark.parametrize(
     "fused, chain",
     [
-        (lambda: riemax.sgdg(0.2, unit_eps=1e-8), lambda: sgdg_chain(0.2, unit_eps=1e-8)),
-        (lambda: riemax.sgdg(0.2, grad_clip=None, unit_eps=0.0),
-         lambda: sgdg_chain(0.2, grad_clip=None, unit_eps=0.0)),
-        (lambda: riemax.adamg(0.05, unit_eps=1e-8), lambda: adamg_chain(0.05, unit_eps=1e-8)),
-        (lambda: riemax.adamg(0.05, grad_clip=None, unit_eps=0.0),
-         lambda: adamg_chain(0.05, grad_clip=None, unit_eps=0.0)),
+        (
+            lambda: riemax.sgdg(0.2, unit_eps=1e-8),
+            lambda: sgdg_chain(0.2, unit_eps=1e-8),
+        ),
+        (
+            lambda: riemax.sgdg(0.2, grad_clip=None, unit_eps=0.0),
+            lambda: sgdg_chain(0.2, grad_clip=None, unit_eps=0.0),
+        ),
+        (
+            lambda: riemax.adamg(0.05, unit_eps=1e-8),
+            lambda: adamg_chain(0.05, unit_eps=1e-8),
+        ),
+        (
+            lambda: riemax.adamg(0.05, grad_clip=None, unit_eps=0.0),
+            lambda: adamg_chain(0.05, grad_clip=None, unit_eps=0.0),
+        ),
     ],
 )
 def test_fused_step_equals_the_chain_with_zero_and_radial_units(fused, chain):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import unit_norms, x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import riemax
-from helpers import unit_norms, x64
 from riemax import sphere
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
@@ -72,7 +72,9 @@ def test_transported_momentum_is_tangent_and_isometric(shape, seed, theta):
         )
         axes = tuple(range(y.ndim - 1))
         np.testing.assert_allclose(jnp.sum(tau * y_new, axis=axes), 0.0, atol=1e-12)
-        np.testing.assert_allclose(unit_norms(tau), unit_norms(d), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            unit_norms(tau), unit_norms(d), rtol=1e-12, atol=1e-14
+        )
         # ... and equals the closed-form transport of the step along itself (eq. 9).
         np.testing.assert_allclose(tau, sphere.transport_step(y, d, 0.0), atol=1e-12)
 
@@ -88,7 +90,9 @@ def test_parallel_transport_is_isometry_into_new_tangent_space(shape, seed, thet
         z = sphere.expmap(y, h, 0.0)
         t = sphere.transport(y, xi, h, 0.0)
         np.testing.assert_allclose(unit_norms(z), 1.0, atol=1e-12)
-        np.testing.assert_allclose(unit_norms(t), unit_norms(xi), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            unit_norms(t), unit_norms(xi), rtol=1e-12, atol=1e-14
+        )
         axes = tuple(range(y.ndim - 1))
         np.testing.assert_allclose(jnp.sum(t * z, axis=axes), 0.0, atol=1e-12)
 
@@ -105,7 +109,9 @@ def test_exp_map_of_zero_step_is_identity(shape, seed):
 
 @SETTINGS
 @given(
-    shape=kernel_shapes, seed=st.integers(0, 2**16), nu=st.floats(1e-3, 10.0),
+    shape=kernel_shapes,
+    seed=st.integers(0, 2**16),
+    nu=st.floats(1e-3, 10.0),
     log_scale=st.floats(-4, 4),
 )
 def test_clipping_bound(shape, seed, nu, log_scale):
@@ -115,7 +121,9 @@ def test_clipping_bound(shape, seed, nu, log_scale):
     before, after = unit_norms(h), unit_norms(out)
     assert np.all(after <= nu * (1 + 1e-6))
     small = before <= nu
-    np.testing.assert_array_equal(np.asarray(out)[..., small], np.asarray(h)[..., small])
+    np.testing.assert_array_equal(
+        np.asarray(out)[..., small], np.asarray(h)[..., small]
+    )
     np.testing.assert_allclose(after[~small], nu, rtol=1e-6)
 
 
@@ -129,8 +137,11 @@ def bn_loss(w, x, target):
 
 @SETTINGS
 @given(
-    shape=kernel_shapes, seed=st.integers(0, 2**16), log_c=st.floats(-3, 3),
-    name=st.sampled_from(["sgdg", "adamg"]), omega=st.sampled_from([0.0, 0.1]),
+    shape=kernel_shapes,
+    seed=st.integers(0, 2**16),
+    log_c=st.floats(-3, 3),
+    name=st.sampled_from(["sgdg", "adamg"]),
+    omega=st.sampled_from([0.0, 0.1]),
 )
 def test_trajectory_is_invariant_to_kernel_scale(shape, seed, log_c, name, omega):
     with x64():
@@ -150,7 +161,7 @@ def test_trajectory_is_invariant_to_kernel_scale(shape, seed, log_c, name, omega
                 out.append(w)
             return out
 
-        for a, b in zip(trajectory(w0), trajectory(10.0**log_c * w0)):
+        for a, b in zip(trajectory(w0), trajectory(10.0**log_c * w0), strict=False):
             np.testing.assert_allclose(a, b, atol=1e-10)
 
 
@@ -166,7 +177,9 @@ def test_norm_drift_after_1000_steps_float32():
             updates, state = tx.update(g, state, w)
             return optax.apply_updates(w, updates), state
 
-        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 1000, body, (w, s)))(w, state)
+        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 1000, body, (w, s)))(
+            w, state
+        )
         np.testing.assert_allclose(unit_norms(final), 1.0, atol=1e-5)
 
 
@@ -228,8 +241,13 @@ def _edge_inputs(kind, dtype):
     return jnp.asarray(w, dtype), jnp.asarray(g, dtype)
 
 
-EDGE_CASES = [("mixed", jnp.float32), ("mixed", jnp.bfloat16), ("mixed", jnp.float16),
-              ("zero_grad", jnp.float32), ("huge_grad", jnp.float32)]
+EDGE_CASES = [
+    ("mixed", jnp.float32),
+    ("mixed", jnp.bfloat16),
+    ("mixed", jnp.float16),
+    ("zero_grad", jnp.float32),
+    ("huge_grad", jnp.float32),
+]
 
 
 @pytest.mark.parametrize("name", list(ALL_NAMED))
@@ -250,7 +268,7 @@ def test_edge_cases_are_finite_in_value_and_gradient(name, kind, dtype):
         np.all(np.isfinite(np.asarray(x, np.float32)))
         for x in jax.tree.leaves((new, new_state))
     )
-    for leaf, ref in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+    for leaf, ref in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=False):
         assert leaf.dtype == ref.dtype
         if leaf.ndim == w.ndim and leaf.dtype != jnp.int32:
             assert leaf.dtype == jnp.promote_types(dtype, jnp.float32)
@@ -275,8 +293,12 @@ def test_zero_unit_takes_the_euclidean_step():
     np.testing.assert_array_equal(new[..., 3], 0.0)
     # No momentum is carried out of the origin (it would be radial at the new
     # point), in the one-pass step and in the chain of transforms alike.
-    for tx in (riemax.sgdg(0.2), riemax.adamg(0.05), riemax.transported_momentum(0.9),
-               riemax.spherical_adam()):
+    for tx in (
+        riemax.sgdg(0.2),
+        riemax.adamg(0.05),
+        riemax.transported_momentum(0.9),
+        riemax.spherical_adam(),
+    ):
         _, state = tx.update(g, tx.init(w), w)
         buf = [x for x in jax.tree.leaves(state) if x.shape == w.shape][0]
         np.testing.assert_array_equal(buf[..., 0], 0.0)
@@ -287,15 +309,21 @@ def test_low_precision_drift_and_state_dtype():
     w = jnp.asarray(unit_rand(0, (3, 3, 4, 8)), jnp.bfloat16)
     for tx in (riemax.sgdg(0.2), riemax.adamg(0.05)):
         state = tx.init(w)
-        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.float32)}
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {
+            jnp.dtype(jnp.float32)
+        }
 
         def body(i, carry):
             w, state = carry
-            g = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), w.shape, w.dtype)
+            g = jax.random.normal(
+                jax.random.fold_in(jax.random.key(1), i), w.shape, w.dtype
+            )
             updates, state = tx.update(g, state, w)
             return optax.apply_updates(w, updates), state
 
-        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 300, body, (w, s)))(w, state)
+        final, _ = jax.jit(lambda w, s: jax.lax.fori_loop(0, 300, body, (w, s)))(
+            w, state
+        )
         assert final.dtype == jnp.bfloat16
         np.testing.assert_allclose(unit_norms(final), 1.0, atol=1e-2)
 
@@ -314,7 +342,9 @@ SPHERE_TRANSFORMS = {
 
 @pytest.mark.parametrize("name", list(SPHERE_TRANSFORMS))
 def test_one_dimensional_leaf_is_rejected_with_its_path(name):
-    params = {"block": {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}}
+    params = {
+        "block": {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}
+    }
     tx = SPHERE_TRANSFORMS[name]()
     with pytest.raises(ValueError, match=r"'block/conv/bias' has shape \(4,\)"):
         tx.init(params)
@@ -339,7 +369,9 @@ def test_missing_params_is_a_clear_error(name):
     "make", [riemax.sgdg, riemax.adamg, riemax.adams, riemax.adamsrt, riemax.sgdmrt]
 )
 def test_negative_learning_rate_is_rejected(make):
-    with pytest.raises(ValueError, match="learning_rate must be non-negative, got -0.1"):
+    with pytest.raises(
+        ValueError, match="learning_rate must be non-negative, got -0.1"
+    ):
         make(-0.1)
 
 
