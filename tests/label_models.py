@@ -410,7 +410,7 @@ def wrn_param_shapes(depth: int = 28, k: int = 10, num_classes: int = 10):
 
     params: dict[str, Any] = {"stem": {"conv": {"kernel": sds(3, 3, 3, 16)}}}
     cin = 16
-    for g, width in zip((2, 3, 4), (16 * k, 32 * k, 64 * k)):
+    for g, width in zip((2, 3, 4), (16 * k, 32 * k, 64 * k), strict=False):
         group = {}
         for i in range(n):
             block = {

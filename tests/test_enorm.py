@@ -549,7 +549,7 @@ def test_apply_enorm_momentum_free_optimizer():
     opt_state = tx.init(params)
     new_params, new_state = riemax.apply_enorm(params, opt_state, PATHS)
     assert jax.tree.structure(new_state) == jax.tree.structure(opt_state)
-    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state)):
+    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False):
         assert x is y
     want, _, _ = riemax.enorm_cycle([_leaves_by_path(params)[q] for q in PATHS])
     got = _leaves_by_path(new_params)
@@ -564,7 +564,7 @@ def test_apply_enorm_adjust_momentum_off():
     updates, opt_state = tx.update(grads, tx.init(params), params)
     params = optax.apply_updates(params, updates)
     _, new_state = riemax.apply_enorm(params, opt_state, PATHS, adjust_momentum=False)
-    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state)):
+    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False):
         np.testing.assert_array_equal(x, y)
 
 

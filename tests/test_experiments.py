@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 import riemax
-
 from experiments import digits, models
 
 # Small model/step settings shared by the digits tests.
