@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from riemax._numerics import acc_dtype, safe_div, safe_sqrt, to_acc
+from riemax._numerics import acc_dtype, per_unit, safe_div, safe_sqrt, to_acc
 from riemax._tree import path_str
 
 __all__ = ["apply_enorm", "enorm_cycle", "kernel_chain"]
@@ -147,7 +147,7 @@ def _balance(
     b = _out_norm(ws[1], p)
     for i in range(1, n_layers - 1):
         s = _balancer(a, b, c)
-        r = 1.0 / s
+        s, r = per_unit(s, 1.0 / s)  # once per unit, not once per kernel element
         more = i + 1 < n_layers - 1
         if more:
             b = _out_norm(ws[i + 1], p)
