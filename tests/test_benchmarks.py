@@ -1,0 +1,62 @@
+"""Smoke tests of benchmarks/: each script's ``main(["--smoke"])`` runs in-process
+(tiny trees and models, one repetition) and returns printed markdown tables whose
+ratios are finite. Nothing about speed is asserted.
+
+XLA's most expensive optimizations are disabled for this module (compile time
+dominates at these sizes), and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import jax
+import pytest
+
+# benchmarks/ and experiments/ are not installed packages: make the repository root
+# importable under plain ``pytest`` too.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+SCRIPTS = ("optimizer_step", "train_step", "compile_memory", "scaling")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke_prints_tables_with_finite_ratios(script, capsys):
+    module = importlib.import_module(f"benchmarks.{script}")
+    tables = module.main(["--smoke"])
+    out = capsys.readouterr().out
+
+    assert tables
+    for table in tables:
+        assert table.rows, table.title
+        assert table.ratios, table.title
+        assert all(math.isfinite(r) and r > 0 for r in table.ratios), table.ratios
+        assert all(len(row) == len(table.headers) for row in table.rows)
+        assert table.markdown() in out
+    # The header names the machine and the measured revision.
+    assert "os.cpu_count()" in out and "backend" in out and "riemax: commit" in out
+
+
+def test_common_helpers():
+    from benchmarks import _common
+
+    assert _common.fmt(1234.5) == "1234"
+    assert _common.fmt(0.012345) == "0.0123"
+    table = _common.Table("t", ["a", "b"])
+    table.add(["x", 1.5], 1.5)
+    assert "| x | 1.50 |" in table.markdown()
+    a, b, r2 = __import__("benchmarks.scaling").scaling.fit_line([1, 2, 3], [3, 5, 7])
+    assert (round(a, 6), round(b, 6), round(r2, 6)) == (1.0, 2.0, 1.0)
