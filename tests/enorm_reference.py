@@ -33,12 +33,16 @@ def _vector_norms(m: np.ndarray, p: float) -> np.ndarray:
 def reference_cycle(kernels, *, c=1.0, p=2.0, stale=True, momenta=None, biases=None):
     """One cycle; returns new lists ``(kernels, momenta, biases)`` in float64."""
     w = [np.array(k, dtype=np.float64) for k in kernels]
-    m = None if momenta is None else [
-        None if x is None else np.array(x, dtype=np.float64) for x in momenta
-    ]
-    b = None if biases is None else [
-        None if x is None else np.array(x, dtype=np.float64) for x in biases
-    ]
+    m = (
+        None
+        if momenta is None
+        else [None if x is None else np.array(x, dtype=np.float64) for x in momenta]
+    )
+    b = (
+        None
+        if biases is None
+        else [None if x is None else np.array(x, dtype=np.float64) for x in biases]
+    )
     n = len(w)
     if n < 3:
         return w, m, b

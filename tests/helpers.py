@@ -13,14 +13,24 @@ SHAPES = {"conv": (3, 3, 4, 8), "dense": (16, 6)}
 
 
 @contextlib.contextmanager
-def x64():
-    """Enables float64 inside the block and restores the previous setting."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
+def jax_config(name, value):
+    """Sets a jax config flag inside the block and restores the previous value."""
+    old = jax.config.read(name)
+    jax.config.update(name, value)
     try:
         yield
     finally:
-        jax.config.update("jax_enable_x64", old)
+        jax.config.update(name, old)
+
+
+def x64():
+    """Enables float64 inside the block."""
+    return jax_config("jax_enable_x64", True)
+
+
+def fast_compile():
+    """Skips most XLA optimisations: tiny test models compile several times faster."""
+    return jax_config("jax_disable_most_optimizations", True)
 
 
 def unit_np(w):

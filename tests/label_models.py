@@ -241,9 +241,7 @@ NNX_CASES = {
     "conv_bias_bn": Case(ConvBiasBN, IMAGE, {"conv/kernel": (M, M)}),
     "conv_bias_relu_bn": Case(ConvBiasReluBN, IMAGE, {"conv/kernel": (E, E)}),
     "conv_relu_bn": Case(ConvReluBN, IMAGE, {"conv/kernel": (E, M)}),
-    "residual": Case(
-        Residual, IMAGE, {"conv0/kernel": (M, M), "conv1/kernel": (E, E)}
-    ),
+    "residual": Case(Residual, IMAGE, {"conv0/kernel": (M, M), "conv1/kernel": (E, E)}),
     "dense_bn": Case(DenseBN, VECTOR, {"fc/kernel": (M, M), "head/kernel": (E, E)}),
     "conv_reshape_bn": Case(ConvReshapeBN, IMAGE, {"conv/kernel": (M, M)}),
     "conv_flatten_bn": Case(ConvFlattenBN, IMAGE, {"conv/kernel": (E, M)}),
@@ -329,8 +327,11 @@ class LinenResidualDenseBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        h = nn.relu(nn.BatchNorm(use_running_average=not train)(
-            nn.Conv(8, (3, 3), use_bias=False, name="conv0")(x)))
+        h = nn.relu(
+            nn.BatchNorm(use_running_average=not train)(
+                nn.Conv(8, (3, 3), use_bias=False, name="conv0")(x)
+            )
+        )
         h = nn.Conv(8, (3, 3), use_bias=False, name="conv1")(h) + h
         # Flatten, not a spatial mean: a mean shrinks the pre-BN variance so much
         # that BatchNorm's epsilon visibly breaks the invariance (eps / var ~ 1e-2).

@@ -13,8 +13,8 @@ import math
 import os
 import sys
 
-import jax
 import pytest
+from helpers import fast_compile
 
 # benchmarks/ and experiments/ are not installed packages: make the repository root
 # importable under plain ``pytest`` too.
@@ -27,10 +27,8 @@ SCRIPTS = ("optimizer_step", "train_step", "compile_memory", "scaling")
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+    with fast_compile():
+        yield
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -58,9 +58,7 @@ def test_parity_with_reference(x64, chain, c, stale):
     ref = (kernels, momenta, biases)
     got = (kernels, momenta, biases)
     for _ in range(3):
-        ref = reference_cycle(
-            ref[0], c=c, stale=stale, momenta=ref[1], biases=ref[2]
-        )
+        ref = reference_cycle(ref[0], c=c, stale=stale, momenta=ref[1], biases=ref[2])
         got = riemax.enorm_cycle(
             got[0], c=c, stale_norms=stale, momenta=got[1], biases=got[2]
         )
@@ -285,8 +283,11 @@ def test_width_mismatch_names_both_layers():
     kernels = [jnp.ones((3, 4)), jnp.ones((4, 5)), jnp.ones((3, 3, 6, 2))]
     with pytest.raises(ValueError, match=r"layer 1.*\(4, 5\).*layer 2.*\(3, 3, 6, 2\)"):
         riemax.enorm_cycle(kernels)
-    params = {"a": {"kernel": kernels[0]}, "b": {"kernel": kernels[1]},
-              "c": {"kernel": kernels[2]}}
+    params = {
+        "a": {"kernel": kernels[0]},
+        "b": {"kernel": kernels[1]},
+        "c": {"kernel": kernels[2]},
+    }
     with pytest.raises(ValueError, match=r"layer 1 \('b/kernel'\).*'c/kernel'"):
         riemax.apply_enorm(params, (), ["a/kernel", "b/kernel", "c/kernel"])
 
@@ -549,7 +550,9 @@ def test_apply_enorm_momentum_free_optimizer():
     opt_state = tx.init(params)
     new_params, new_state = riemax.apply_enorm(params, opt_state, PATHS)
     assert jax.tree.structure(new_state) == jax.tree.structure(opt_state)
-    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False):
+    for x, y in zip(
+        jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False
+    ):
         assert x is y
     want, _, _ = riemax.enorm_cycle([_leaves_by_path(params)[q] for q in PATHS])
     got = _leaves_by_path(new_params)
@@ -564,7 +567,9 @@ def test_apply_enorm_adjust_momentum_off():
     updates, opt_state = tx.update(grads, tx.init(params), params)
     params = optax.apply_updates(params, updates)
     _, new_state = riemax.apply_enorm(params, opt_state, PATHS, adjust_momentum=False)
-    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False):
+    for x, y in zip(
+        jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=False
+    ):
         np.testing.assert_array_equal(x, y)
 
 

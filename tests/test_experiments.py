@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import fast_compile
 
 import riemax
 from experiments import digits, models
@@ -32,10 +33,8 @@ TINY = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+    with fast_compile():
+        yield
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import fast_compile
 
 import riemax
 from riemax._labels import check_labels
@@ -21,12 +22,8 @@ M, E = riemax.MANIFOLD, riemax.EUCLIDEAN
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
-    """XLA compile time dominates these tiny models: skip its optimizations here
-    (2-3x faster on 2 CPU cores), and restore the setting for other modules."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with fast_compile():
+        yield
 
 
 def flat(tree):

@@ -268,7 +268,9 @@ def test_edge_cases_are_finite_in_value_and_gradient(name, kind, dtype):
         np.all(np.isfinite(np.asarray(x, np.float32)))
         for x in jax.tree.leaves((new, new_state))
     )
-    for leaf, ref in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=False):
+    for leaf, ref in zip(
+        jax.tree.leaves(new_state), jax.tree.leaves(state), strict=False
+    ):
         assert leaf.dtype == ref.dtype
         if leaf.ndim == w.ndim and leaf.dtype != jnp.int32:
             assert leaf.dtype == jnp.promote_types(dtype, jnp.float32)
