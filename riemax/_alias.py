@@ -16,14 +16,7 @@ import optax
 
 from riemax._fused import adamg_update, sgdg_update
 from riemax._labels import EUCLIDEAN, MANIFOLD, check_labels
-from riemax._numerics import check_nonnegative
 from riemax._transforms import ortho_penalty, scale_by_adams, scale_by_sgdmrt
-
-
-def _checked_lr(learning_rate: optax.ScalarOrSchedule) -> optax.ScalarOrSchedule:
-    if not callable(learning_rate):
-        check_nonnegative("learning_rate", learning_rate)
-    return learning_rate
 
 
 def sgdg(
@@ -81,7 +74,7 @@ def sgdg(
     """
     return optax.chain(
         ortho_penalty(omega, at="unit", unit_eps=unit_eps),
-        sgdg_update(_checked_lr(learning_rate), momentum, grad_clip, unit_eps=unit_eps),
+        sgdg_update(learning_rate, momentum, grad_clip, unit_eps=unit_eps),
     )
 
 
@@ -138,9 +131,7 @@ def adamg(
     """
     return optax.chain(
         ortho_penalty(omega, at="unit", unit_eps=unit_eps),
-        adamg_update(
-            _checked_lr(learning_rate), b1, b2, eps, grad_clip, unit_eps=unit_eps
-        ),
+        adamg_update(learning_rate, b1, b2, eps, grad_clip, unit_eps=unit_eps),
     )
 
 
@@ -187,7 +178,7 @@ def adams(
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         scale_by_adams(
-            _checked_lr(learning_rate),
+            learning_rate,
             b1,
             b2,
             eps,
@@ -240,7 +231,7 @@ def adamsrt(
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         scale_by_adams(
-            _checked_lr(learning_rate),
+            learning_rate,
             b1,
             b2,
             eps,
@@ -286,9 +277,7 @@ def sgdmrt(
     """
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        scale_by_sgdmrt(
-            _checked_lr(learning_rate), momentum, channel_axes=channel_axes
-        ),
+        scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes),
     )
 
 

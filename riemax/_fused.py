@@ -42,6 +42,7 @@ from riemax._numerics import (
     unit_axes,
 )
 from riemax._transforms import (
+    _check_learning_rate,
     _check_units,
     _map_units,
     _need_params,
@@ -174,6 +175,7 @@ def sgdg_update(
     """
     check_nonnegative("unit_eps", unit_eps)
     check_nonnegative("max_norm", grad_clip)
+    _check_learning_rate(learning_rate)
 
     def init_fn(params):
         _check_units("sgdg_update", params)
@@ -281,6 +283,7 @@ def adamg_update(
     """
     check_nonnegative("unit_eps", unit_eps)
     check_nonnegative("max_norm", grad_clip)
+    _check_learning_rate(learning_rate)
 
     def init_fn(params):
         _check_units("adamg_update", params)

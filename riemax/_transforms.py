@@ -144,6 +144,11 @@ def _unit_of(w: jax.Array, unit_eps) -> tuple[jax.Array, jax.Array]:
     return normalize(to_acc(w), unit_axes(w.ndim), unit_eps)
 
 
+def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
+    if not callable(learning_rate):
+        check_nonnegative("learning_rate", learning_rate)
+
+
 def _schedule_value(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
@@ -705,8 +710,7 @@ def scale_by_adams(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    if not callable(learning_rate):
-        check_nonnegative("learning_rate", learning_rate)
+    _check_learning_rate(learning_rate)
 
     def init_fn(params):
         def nu0(p):
@@ -805,8 +809,7 @@ def scale_by_sgdmrt(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    if not callable(learning_rate):
-        check_nonnegative("learning_rate", learning_rate)
+    _check_learning_rate(learning_rate)
 
     def init_fn(params):
         return SgdMRTState(
