@@ -12,6 +12,8 @@ division, so that
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -62,6 +64,65 @@ def group_size(shape: Sequence[int], axes: Sequence[int]) -> int:
 def inner(a: jax.Array, b: jax.Array, axes: Sequence[int]) -> jax.Array:
     """Per-group inner product ``sum(a * b)`` over ``axes``, dims kept."""
     return jnp.sum(a * b, axis=tuple(axes), keepdims=True)
+
+
+#: Elements per operand in one block of :func:`unit_inners` on CPU (2 MiB in
+#: float32): three operands stay in the last-level cache while six products are
+#: summed over them.
+CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def unit_inners(
+    arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]
+) -> tuple[jax.Array, ...]:
+    """Per-unit inner products ``<arrays[p], arrays[q]>`` for every ``(p, q)``.
+
+    All arrays share one shape; a unit is a slice ``x[..., j]`` (Flax layout) and
+    each result has shape ``(1, ..., 1, units)`` like :func:`inner`. Where the
+    kernel is large the inner products are computed in a single pass over memory:
+    XLA's CPU backend runs every reduction as its own pass, so on CPU the rows are
+    walked in cache-sized blocks and all products of a block are summed while it
+    is in cache. Other backends merge sibling reductions themselves and get the
+    plain sums.
+    """
+    shape = arrays[0].shape
+    units = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1])
+    mats = [a.reshape(rows, units) for a in arrays]
+    block = max(1, CPU_BLOCK_ELEMENTS // max(units, 1))
+    if rows >= 2 * block:
+        sums = jax.lax.platform_dependent(
+            *mats,
+            cpu=functools.partial(_blocked_inners, pairs=pairs, block=block),
+            default=functools.partial(_column_inners, pairs=pairs),
+        )
+    else:
+        sums = _column_inners(*mats, pairs=pairs)
+    keep = (1,) * (len(shape) - 1) + (units,)
+    return tuple(s.reshape(keep) for s in sums)
+
+
+def _column_inners(*mats, pairs):
+    return tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
+
+
+def _blocked_inners(*mats, pairs, block):
+    rows = mats[0].shape[0]
+    count, rest = divmod(rows, block)
+
+    def body(i, acc):
+        part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
+        return tuple(a + s for a, s in zip(acc, _column_inners(*part, pairs=pairs)))
+
+    zeros = tuple(
+        jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
+        for p, q in pairs
+    )
+    sums = jax.lax.fori_loop(0, count, body, zeros)
+    if rest:
+        tail = _column_inners(*[m[count * block :] for m in mats], pairs=pairs)
+        sums = tuple(a + t for a, t in zip(sums, tail))
+    return sums
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
