@@ -6,19 +6,20 @@ scale_by_learning_rate -> transported_momentum -> exp_map_update`` and
 scale_by_learning_rate -> exp_map_update``, computed without materialising any
 intermediate of the chain:
 
-1. one reduction pass computes per-unit inner products of the parameters ``w``, the
-   gradient ``g`` and the stored momentum ``m``
+1. one pass over memory computes the per-unit inner products of the parameters
+   ``w``, the gradient ``g`` and the stored step ``m``
    (:math:`\langle w,w\rangle, \langle w,g\rangle, \langle w,m\rangle,
-   \langle m,m\rangle, \langle g,m\rangle`);
-2. a second reduction pass over ``w`` and ``g`` computes :math:`\|h\|^2` of the
-   projected gradient ``h = a*g + b*w`` directly. (From Gram quantities it would be
-   :math:`\|g\|^2 - \langle y,g\rangle^2`, which loses all precision when the
-   gradient is nearly radial, as on kernels that are not exactly scale-invariant;
-   Adam-G divides by it.)
-3. every other quantity of the chain (clip factor, transported momentum, the new
-   step and its length, the exponential map) is a combination ``a*m + b*g + c*w``
-   whose norm follows from tangent-space inner products, and one elementwise pass
-   writes the new momentum and the update.
+   \langle m,m\rangle, \langle g,m\rangle, \langle g,g\rangle`;
+   :func:`riemax._numerics.unit_inners`);
+2. every quantity of the chain (the projected gradient ``h = a*g + b*w`` and its
+   norm, the clip factor, the transported momentum, the new step and its length,
+   the exponential map) is a combination ``a*m + b*g + c*w`` whose norm follows
+   from those inner products. Only :math:`\|h\|^2 = \|g\|^2 - \langle y,
+   g\rangle^2` can cancel, when a gradient is nearly radial (kernels that are not
+   exactly scale-invariant); a leaf with such a unit sums it directly instead;
+3. two elementwise loops write the new step ``d`` (in place of ``m``) and then the
+   update ``f*d + c*w`` from it, which reads ``d`` and ``w`` only, so that donated
+   buffers are updated in place.
 
 The chains of the public transforms remain the reference; the tests compare both
 with the float64 reference of the original algorithms.
@@ -40,11 +41,14 @@ from riemax._numerics import (
     safe_sqrt,
     to_acc,
     unit_axes,
+    unit_inners,
 )
 from riemax._transforms import (
+    ADAM_KEPT_FRACTION,
     _check_learning_rate,
     _check_units,
     _map_units,
+    _moved_along,
     _need_params,
     _schedule_value,
     _unzip,
@@ -68,15 +72,17 @@ class AdamgUpdateState(NamedTuple):
     nu: optax.Params
 
 
-def _gram(w, g, m, axes):
-    """Per-unit ``<w,w>, <w,g>, <w,m>, <m,m>, <g,m>`` (one fused reduction pass)."""
-    return (
-        inner(w, w, axes),
-        inner(w, g, axes),
-        inner(w, m, axes),
-        inner(m, m, axes),
-        inner(g, m, axes),
-    )
+#: (w, g, m) index pairs of the per-unit Gram quantities, in ``gram`` order.
+_GRAM_PAIRS = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
+
+#: ``||h||^2`` from Gram quantities is trusted while the tangent part keeps at
+#: least this fraction of ``||g||^2`` (at most one bit of cancellation).
+_TANGENT_FRACTION = 0.5
+
+
+def _gram(w, g, m):
+    """Per-unit ``<w,w>, <w,g>, <w,m>, <m,m>, <g,m>, <g,g>`` in one pass."""
+    return unit_inners((w, g, m), _GRAM_PAIRS)
 
 
 def _tangent_parts(g, w, gram, axes, unit_eps, max_norm):
@@ -85,15 +91,24 @@ def _tangent_parts(g, w, gram, axes, unit_eps, max_norm):
     Returns ``(k, live, hg, hw, hh)`` with ``k = 1/(||w|| + eps)`` (``y = k*w``) and
     ``live`` the units of non-zero norm; on the others ``h = g``.
     """
-    ww, wg = gram[0], gram[1]
+    ww, wg, gg = gram[0], gram[1], gram[5]
     n_w = safe_sqrt(ww)
     live = n_w > 0
     k = safe_div(1.0, n_w + unit_eps)
     # h = ||w|| (g - <y, g> y) = ||w|| g - ||w|| k^2 <w, g> w on live units.
     hg = jnp.where(live, n_w, 1.0)
     hw = jnp.where(live, -n_w * k * k * wg, 0.0)
-    h = hg * g + hw * w
-    hh = inner(h, h, axes)
+    # ||h||^2 expanded over the Gram quantities cancels when g is nearly radial;
+    # a leaf with such a unit sums ||h||^2 directly (a second pass, rarely taken).
+    full = hg * hg * gg
+    hh = jnp.maximum(full + hw * (2 * hg * wg + hw * ww), 0)
+    radial = hh < _TANGENT_FRACTION * full
+
+    def direct(hh):
+        h = hg * g + hw * w
+        return jnp.where(radial, inner(h, h, axes), hh)
+
+    hh = jax.lax.cond(jnp.any(radial), direct, lambda hh: hh, hh)
     if max_norm is not None:
         n_h = safe_sqrt(hh)
         clip = jnp.where(n_h > max_norm, safe_div(max_norm, n_h), 1.0)
@@ -101,20 +116,30 @@ def _tangent_parts(g, w, gram, axes, unit_eps, max_norm):
     return k, live, hg, hw, hh
 
 
-def _transported(gram, k, live, length):
-    """``tau = t_m*m + t_w*w``: ``m`` projected at ``y`` and rescaled to ``length``."""
+def _transported(gram, k, live, length, expected):
+    """``tau = t_m*m + t_w*w``: ``m`` projected at ``y`` and rescaled to ``length``;
+    dropped on zero units and where the projection is shorter than half of
+    ``expected`` (a radial step, see ``transported_momentum``).
+
+    Returns ``(t_m, t_w, ||tau||^2)``.
+    """
     ww, wm, mm = gram[0], gram[2], gram[3]
     t_w = -k * k * wm
     # ||m + t_w w||^2; m is (nearly) tangent, so no cancellation here.
     n_p = safe_sqrt(jnp.maximum(mm + 2 * t_w * wm + t_w * t_w * ww, 0))
     rho = safe_div(length, n_p)
-    return jnp.where(live, rho, 1.0), jnp.where(live, rho * t_w, 0.0)
+    keep = live & _moved_along(n_p, expected)
+    return (
+        jnp.where(keep, rho, 0.0),
+        jnp.where(keep, rho * t_w, 0.0),
+        jnp.where(keep, length * length, 0.0),
+    )
 
 
 def _step_norm(a, t_m, t_w, tt, b, hg, hw, hh, gram):
     """``||a*tau + b*h_hat||`` from ``||tau||^2 = tt``, ``||h_hat||^2 = hh`` and
     ``<tau, h_hat>`` expanded over ``<g,m>, <w,m>, <w,g>, <w,w>``."""
-    ww, wg, wm, _, gm = gram
+    ww, wg, wm, _, gm, _ = gram
     th = t_m * (hg * gm + hw * wm) + t_w * (hg * wg + hw * ww)
     return safe_sqrt(jnp.maximum(a * a * tt + 2 * a * b * th + b * b * hh, 0))
 
@@ -123,6 +148,21 @@ def _expmap_coefficients(theta, k, unit_eps):
     """``Exp_y(d) = cos(theta) k w + b d``: returns ``(cos(theta) k, b)``."""
     ratio = jnp.where(theta + unit_eps > 0, safe_div(theta, theta + unit_eps), 1.0)
     return jnp.cos(theta) * k, jnp.sinc(theta / jnp.pi) * ratio
+
+
+def _write(a_m, a_g, a_w, f, c, m, g, w):
+    """The new stored step ``d = a_m m + a_g g + a_w w`` and the update
+    ``f d + c w``, from per-unit coefficients.
+
+    Written from ``d`` itself, the update loop reads only ``d`` and ``w``: the two
+    output loops form a chain (``m -> d -> update``), so donated parameter and
+    state buffers are updated in place without copies. This is why zero-norm units
+    store the Euclidean step they take (``c = 0`` there): it is radial at the new
+    point, and the next step drops it.
+    """
+    a_m, a_g, a_w, f, c = per_unit(a_m, a_g, a_w, f, c)
+    d = a_m * m + a_g * g + a_w * w
+    return f * d + c * w, d
 
 
 def sgdg_update(
@@ -190,7 +230,7 @@ def sgdg_update(
         def leaf(g, d_prev, w):
             axes = unit_axes(w.ndim)
             g, d_prev, w_acc = to_acc(g), to_acc(d_prev), to_acc(w)
-            gram = _gram(w_acc, g, d_prev, axes)
+            gram = _gram(w_acc, g, d_prev)
             k, live, hg, hw, hh = _tangent_parts(
                 g, w_acc, gram, axes, unit_eps, grad_clip
             )
@@ -198,22 +238,15 @@ def sgdg_update(
             # length the original's formula gives, and the sign past a quarter turn.
             n = safe_sqrt(gram[3])
             length = safe_div(n * n, n + unit_eps) * jnp.where(jnp.cos(n) < 0, -1, 1)
-            t_m, t_w = _transported(gram, k, live, length)
+            t_m, t_w, tt = _transported(gram, k, live, length, jnp.abs(jnp.cos(n)) * n)
             # d = momentum * tau - lr * h_hat = a_m d_prev + a_g g + a_w w
-            theta = _step_norm(
-                momentum, t_m, t_w, length * length, -lr, hg, hw, hh, gram
-            )
+            theta = _step_norm(momentum, t_m, t_w, tt, -lr, hg, hw, hh, gram)
             a_m, a_g, a_w = momentum * t_m, -lr * hg, momentum * t_w - lr * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
             # d = a_m d_prev + a_g g + a_w w; update = Exp_y(d) - w on live units.
             f = jnp.where(live, b, 1.0)
-            e_m, e_g, e_w = f * a_m, f * a_g, f * a_w + jnp.where(live, ck - 1, 0.0)
-            keep = live.astype(a_m.dtype)
-            a_m, a_g, a_w, e_m, e_g, e_w, keep = per_unit(
-                a_m, a_g, a_w, e_m, e_g, e_w, keep
-            )
-            d = keep * (a_m * d_prev + a_g * g + a_w * w_acc)
-            delta = e_m * d_prev + e_g * g + e_w * w_acc
+            c = jnp.where(live, ck - 1, 0.0)
+            delta, d = _write(a_m, a_g, a_w, f, c, d_prev, g, w_acc)
             return delta.astype(w.dtype), d
 
         results = _map_units("sgdg_update", leaf, updates, state.trace, params)
@@ -301,30 +334,25 @@ def adamg_update(
         def leaf(g, m, v, w):
             axes = unit_axes(w.ndim)
             g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
-            gram = _gram(w_acc, g, m, axes)
+            gram = _gram(w_acc, g, m)
             k, live, hg, hw, hh = _tangent_parts(
                 g, w_acc, gram, axes, unit_eps, grad_clip
             )
             n_m = safe_sqrt(gram[3])
-            t_m, t_w = _transported(gram, k, live, n_m)
+            t_m, t_w, tt = _transported(gram, k, live, n_m, ADAM_KEPT_FRACTION * n_m)
             v = b2 * v + (1 - b2) * hh
             t = count.astype(v.dtype)
             alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
             scale = -lr * safe_div(alpha, safe_sqrt(v + eps))  # delta = scale * m_new
             # m_new = b1 * tau + (1 - b1) * h_hat = a_m m + a_g g + a_w w
-            norm_m = _step_norm(b1, t_m, t_w, n_m * n_m, 1 - b1, hg, hw, hh, gram)
+            norm_m = _step_norm(b1, t_m, t_w, tt, 1 - b1, hg, hw, hh, gram)
             theta = jnp.abs(scale) * norm_m
             a_m, a_g, a_w = b1 * t_m, (1 - b1) * hg, b1 * t_w + (1 - b1) * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
             # update = Exp_y(scale * m_new) - w on live units, scale * m_new elsewhere.
             f = scale * jnp.where(live, b, 1.0)
-            e_m, e_g, e_w = f * a_m, f * a_g, f * a_w + jnp.where(live, ck - 1, 0.0)
-            keep = live.astype(a_m.dtype)
-            a_m, a_g, a_w, e_m, e_g, e_w, keep = per_unit(
-                a_m, a_g, a_w, e_m, e_g, e_w, keep
-            )
-            m_new = keep * (a_m * m + a_g * g + a_w * w_acc)
-            delta = e_m * m + e_g * g + e_w * w_acc
+            c = jnp.where(live, ck - 1, 0.0)
+            delta, m_new = _write(a_m, a_g, a_w, f, c, m, g, w_acc)
             return delta.astype(w.dtype), m_new, v
 
         results = _map_units("adamg_update", leaf, updates, state.mu, state.nu, params)

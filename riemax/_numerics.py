@@ -112,7 +112,9 @@ def _blocked_inners(*mats, pairs, block):
 
     def body(i, acc):
         part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
-        return tuple(a + s for a, s in zip(acc, _column_inners(*part, pairs=pairs)))
+        return tuple(
+            a + s for a, s in zip(acc, _column_inners(*part, pairs=pairs), strict=True)
+        )
 
     zeros = tuple(
         jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
@@ -121,7 +123,7 @@ def _blocked_inners(*mats, pairs, block):
     sums = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
         tail = _column_inners(*[m[count * block :] for m in mats], pairs=pairs)
-        sums = tuple(a + t for a, t in zip(sums, tail))
+        sums = tuple(a + t for a, t in zip(sums, tail, strict=True))
     return sums
 
 
@@ -148,11 +150,6 @@ def normalize(
     """Returns ``(x / (||x|| + eps), ||x||)`` per group; a zero group maps to 0."""
     n = norm(x, axes)
     return safe_div(x, n + eps), n
-
-
-def rescale_to(x: jax.Array, target: jax.Array, axes: Sequence[int]) -> jax.Array:
-    """Rescales every group of ``x`` to norm ``target``; zero groups stay zero."""
-    return x * safe_div(target, norm(x, axes))
 
 
 def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:

@@ -13,9 +13,11 @@ Conventions shared by every transform here:
   (``unit(w) = w / (||w|| + unit_eps)``, and inside the exponential map and the
   transports). ``unit_eps=0`` gives exact geometry.
 * A unit whose parameter vector is exactly zero has no tangent space: every
-  transform passes the Euclidean quantity through unchanged there, and the
-  momentum transforms store no momentum for it (once the unit has left the
-  origin, a Euclidean momentum from there has no tangent meaning).
+  transform passes the Euclidean quantity through unchanged there, and no
+  momentum is carried out of the origin (the step a unit took from there is
+  radial at its new point and has no tangent meaning). The chains store no
+  momentum for such a unit; the fused :func:`sgdg_update`/:func:`adamg_update`
+  store the radial step and drop it at the next step.
 * Tangent-valued state (momentum) lives at the parameters it was computed at and
   is carried to the current parameters at the start of the next ``update``.
 """
@@ -39,7 +41,6 @@ from riemax._numerics import (
     norm,
     normalize,
     per_unit,
-    rescale_to,
     safe_div,
     safe_sqrt,
     to_acc,
@@ -142,6 +143,24 @@ def _zeros_per_unit(params: Any) -> Any:
 def _unit_of(w: jax.Array, unit_eps) -> tuple[jax.Array, jax.Array]:
     """Returns ``(unit(w), ||w||)`` per unit, in the accumulation dtype."""
     return normalize(to_acc(w), unit_axes(w.ndim), unit_eps)
+
+
+#: Adam-G moves along ``scale * m`` by an angle the next step does not know; its
+#: stored ``m`` is kept while its projection keeps this fraction of the length
+#: (every step shorter than ``pi/2 - 0.06`` radians).
+ADAM_KEPT_FRACTION = 2.0**-4
+
+
+def _moved_along(projected, expected):
+    """Whether a stored step is carried to the current point.
+
+    When the params moved along the stored step by the exponential map, its
+    projection on the new tangent space has length ``|cos(theta)| * ||d||``
+    (``expected``). A step that is radial at the new point, as the Euclidean step
+    a unit takes off the origin, projects to rounding noise; rescaling that noise to
+    the transported length would invent a direction, so such a step is dropped.
+    """
+    return projected >= 0.5 * expected
 
 
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
@@ -290,6 +309,12 @@ def transported_momentum(
     restored from :math:`\cos\|d\|`
     (the step is the stored momentum itself), so any step length is exact.
 
+    Parallel transport along ``d`` leaves a projection of length
+    :math:`|\cos\|d\||\,\|d\|`. A stored step whose projection is shorter than
+    half of that did not move the params along itself (it is radial here, as the
+    Euclidean step of a unit leaving the origin); rescaling its rounding noise
+    would invent a direction, so it is dropped.
+
     Args:
       momentum: The decay :math:`\gamma`.
       unit_eps: :math:`\epsilon_u` of ``unit(w)`` and of the transport.
@@ -330,8 +355,14 @@ def transported_momentum(
             # P_y'(d) = cos(theta) * Gamma(d; d) with theta = ||d||: restore the
             # length, and the sign for steps beyond a quarter turn.
             length = safe_div(n * n, n + unit_eps) * jnp.where(jnp.cos(n) < 0, -1, 1)
-            tau = rescale_to(sphere.project(y, d_prev), length, axes)
-            tau = jnp.where(w_norm > 0, tau, d_prev)
+            projected = sphere.project(y, d_prev)
+            n_p = norm(projected, axes)
+            tau = projected * safe_div(length, n_p)
+            # A zero unit has no tangent space to carry a step through, and a step
+            # that is radial here (the one a unit took off the origin) has no
+            # direction left: both are dropped.
+            keep = (w_norm > 0) & _moved_along(n_p, jnp.abs(jnp.cos(n)) * n)
+            tau = jnp.where(keep, tau, 0)
             d = momentum * tau + to_acc(u)
             return d.astype(u.dtype), jnp.where(w_norm > 0, d, 0).astype(d_prev.dtype)
 
@@ -369,7 +400,10 @@ def spherical_adam(
     Because ``v`` is one scalar per unit, each unit's step is parallel to its first
     moment, so the transport :math:`\Gamma` of ``m`` along the step equals
     projecting ``m`` onto the new tangent space and restoring its norm; that is
-    done at the start of the next ``update``. Follow with
+    done at the start of the next ``update``. The step angle is not known then, so
+    ``m`` is dropped where its projection keeps less than 1/32 of its norm (a
+    radial ``m``, as after a unit leaves the origin; a step along ``m`` shortens it
+    that much only within 0.03 rad of a quarter turn). Follow with
     :func:`optax.scale_by_learning_rate` and :func:`exp_map_update`.
 
     Args:
@@ -416,9 +450,12 @@ def spherical_adam(
             axes = unit_axes(w.ndim)
             y, w_norm = _unit_of(w, unit_eps)
             m = to_acc(m)
-            m = jnp.where(
-                w_norm > 0, rescale_to(sphere.project(y, m), norm(m, axes), axes), m
-            )
+            n_m, projected = norm(m, axes), sphere.project(y, m)
+            n_p = norm(projected, axes)
+            # Transported to y; dropped on zero units (no tangent space) and where
+            # it is radial (see transported_momentum).
+            keep = (w_norm > 0) & _moved_along(n_p, ADAM_KEPT_FRACTION * n_m)
+            m = jnp.where(keep, projected * safe_div(n_m, n_p), 0)
             h = to_acc(h)
             m = b1 * m + (1 - b1) * h
             v = b2 * v + (1 - b2) * inner(h, h, axes)

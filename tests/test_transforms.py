@@ -293,18 +293,62 @@ def test_zero_unit_takes_the_euclidean_step():
     new = one_step(tx, w, g)
     np.testing.assert_allclose(new[..., 0], -0.2 * g[..., 0], rtol=1e-6)
     np.testing.assert_array_equal(new[..., 3], 0.0)
-    # No momentum is carried out of the origin (it would be radial at the new
-    # point), in the one-pass step and in the chain of transforms alike.
-    for tx in (
-        riemax.sgdg(0.2),
-        riemax.adamg(0.05),
-        riemax.transported_momentum(0.9),
-        riemax.spherical_adam(),
-    ):
+    # The chains of transforms store no step on a zero unit.
+    for tx in (riemax.transported_momentum(0.9), riemax.spherical_adam()):
         _, state = tx.update(g, tx.init(w), w)
         buf = [x for x in jax.tree.leaves(state) if x.shape == w.shape][0]
         np.testing.assert_array_equal(buf[..., 0], 0.0)
         assert np.all(np.asarray(buf[..., 2]) != 0)
+
+
+ZERO_UNIT_OPTIMIZERS = {
+    "sgdg": lambda: riemax.sgdg(0.2, omega=0.0),
+    "adamg": lambda: riemax.adamg(0.05, omega=0.0),
+    "sgdg chain": lambda: optax.chain(
+        riemax.grassmann_project(),
+        riemax.clip_tangent_norm(0.1),
+        optax.scale_by_learning_rate(0.2),
+        riemax.transported_momentum(0.9),
+        riemax.exp_map_update(),
+    ),
+    "adamg chain": lambda: optax.chain(
+        riemax.grassmann_project(),
+        riemax.clip_tangent_norm(0.1),
+        riemax.spherical_adam(),
+        optax.scale_by_learning_rate(0.05),
+        riemax.exp_map_update(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_UNIT_OPTIMIZERS))
+def test_no_step_is_carried_out_of_the_origin(name):
+    """A unit that leaves the origin took a radial step: none of it is carried.
+
+    With zero gradient at the second step the unit only lands on the sphere
+    (``Exp_y(0) = y``); a carried step would move it along rescaled rounding noise.
+    """
+    w, g = _edge_inputs("mixed", jnp.float32)
+    tx = ZERO_UNIT_OPTIMIZERS[name]()
+    state = tx.init(w)
+    updates, state = tx.update(g, state, w)
+    w1 = optax.apply_updates(w, updates)
+    assert np.all(np.asarray(w1[..., 0]) != 0)
+    updates, _ = tx.update(jnp.zeros_like(g), state, w1)
+    w2 = np.asarray(optax.apply_updates(w1, updates))
+    y1 = np.asarray(w1[..., 0]) / unit_norms(w1)[0]
+    np.testing.assert_allclose(w2[..., 0], y1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(ZERO_UNIT_OPTIMIZERS))
+def test_a_radial_stored_step_is_dropped(name):
+    """A stored step parallel to the params (never left by an exp-map step) has
+    no tangent direction; it is dropped rather than rescaled."""
+    w = jnp.asarray(unit_rand(0, (3, 3, 4, 6)), jnp.float32)
+    tx = ZERO_UNIT_OPTIMIZERS[name]()
+    state = jax.tree.map(lambda x: 0.1 * w if x.shape == w.shape else x, tx.init(w))
+    updates, _ = tx.update(jnp.zeros_like(w), state, w)
+    np.testing.assert_allclose(optax.apply_updates(w, updates), w, atol=1e-6)
 
 
 def test_low_precision_drift_and_state_dtype():
@@ -384,3 +428,31 @@ def test_bad_options_are_rejected():
         riemax.sgdg(0.1, unit_eps=-1.0)
     with pytest.raises(ValueError, match="max_norm must be non-negative"):
         riemax.clip_tangent_norm(-0.5)
+
+
+@pytest.mark.parametrize("block", [1 << 19, 64, 96])
+@pytest.mark.parametrize("shape", [(3, 3, 41, 16), (701, 24), (5, 7)])
+def test_unit_inners_match_numpy_in_one_blocked_pass(monkeypatch, block, shape):
+    """The per-unit Gram quantities equal float64 NumPy sums, also when the rows
+    are walked in blocks with a remainder (small blocks force that here)."""
+    from riemax import _numerics
+
+    monkeypatch.setattr(_numerics, "CPU_BLOCK_ELEMENTS", block)
+    arrays = [rand(i, shape) for i in range(3)]
+    pairs = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
+    axes = tuple(range(len(shape) - 1))
+    with x64():
+        got = jax.jit(lambda *a: _numerics.unit_inners(a, pairs))(*arrays)
+        for (p, q), value in zip(pairs, got, strict=True):
+            want = np.sum(arrays[p] * arrays[q], axis=axes, keepdims=True)
+            assert value.shape == want.shape
+            np.testing.assert_allclose(value, want, rtol=1e-13)
+        # Differentiable and batchable like the plain sums.
+        grad = jax.grad(lambda a: _numerics.unit_inners((a, a), ((0, 1),))[0].sum())
+        np.testing.assert_allclose(grad(arrays[0]), 2 * arrays[0], rtol=1e-13)
+        batched = jax.vmap(lambda a: _numerics.unit_inners((a,), ((0, 0),))[0])(
+            np.stack(arrays)
+        )
+        np.testing.assert_allclose(
+            batched[1], np.sum(arrays[1] ** 2, axis=axes, keepdims=True), rtol=1e-13
+        )
