@@ -146,8 +146,8 @@ def _unit_of(w: jax.Array, unit_eps) -> tuple[jax.Array, jax.Array]:
 
 
 #: Adam-G moves along ``scale * m`` by an angle the next step does not know; its
-#: stored ``m`` is kept while its projection keeps this fraction of the length
-#: (every step shorter than ``pi/2 - 0.06`` radians).
+#: stored ``m`` is kept while its projection keeps half of this fraction of its
+#: length (1/32: every step shorter than ``pi/2 - 0.03`` radians).
 ADAM_KEPT_FRACTION = 2.0**-4
 
 
