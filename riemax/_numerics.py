@@ -102,6 +102,26 @@ def unit_inners(
     return tuple(s.reshape(keep) for s in sums)
 
 
+def group_inners(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int]],
+    axes: Sequence[int],
+) -> tuple[jax.Array, ...]:
+    """Per-group inner products over ``axes`` (dims kept), like :func:`inner`.
+
+    Groups of one output unit (all axes but the last) and of the whole tensor take
+    the single pass of :func:`unit_inners`; other groupings sum each pair.
+    """
+    ndim = arrays[0].ndim
+    axes = tuple(sorted(a % ndim for a in axes)) if ndim else ()
+    if ndim and axes == tuple(range(ndim - 1)):
+        return unit_inners(arrays, pairs)
+    if ndim and axes == tuple(range(ndim)):
+        columns = unit_inners([a.reshape(-1, 1) for a in arrays], pairs)
+        return tuple(c.reshape((1,) * ndim) for c in columns)
+    return tuple(inner(arrays[p], arrays[q], axes) for p, q in pairs)
+
+
 def _column_inners(*mats, pairs):
     return tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
 

@@ -36,6 +36,7 @@ from riemax._numerics import (
     acc_dtype,
     check_nonnegative,
     group_axes,
+    group_inners,
     group_size,
     inner,
     norm,
@@ -161,6 +162,10 @@ def _moved_along(projected, expected):
     the transported length would invent a direction, so such a step is dropped.
     """
     return projected >= 0.5 * expected
+
+
+#: (w, m, g) index pairs of the AdamSRT Gram pass: ww, wm, mm, wg, gm, gg.
+_SRT_PAIRS = ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2))
 
 
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
@@ -713,8 +718,15 @@ def scale_by_adams(
     The last line (rescale and transport, "RT") runs only when ``transport`` and
     :math:`d > 1`. Because RT depends on the step actually taken, this transform
     takes the learning rate and returns the final additive update: it comes last
-    in a chain (weight decay, if any, before it). All per-group inner products are
-    derived from one pass over ``w``, ``g`` and ``m``.
+    in a chain (weight decay, if any, before it).
+
+    With :math:`x_1 = x_2 + s\,m` the transport of ``m`` equals
+    :math:`(\langle x_2, x_2\rangle_R\, m - \langle m, x_2\rangle_R\, x_2) /
+    (\langle x_2, x_2\rangle_R + \epsilon)`, which needs only the new point:
+    riemax stores ``m`` where it was computed and transports it at the start of
+    the next update (the same trajectory); ``v`` is rescaled at the end of the
+    step. All per-group inner products come from one pass over ``w``, ``m`` and
+    ``g``.
 
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule of the step count.
@@ -769,25 +781,45 @@ def scale_by_adams(
         def leaf(g, m, v, w):
             axes = group_axes(w.ndim, channel_axes)
             d = group_size(w.shape, axes)
-            g, w_acc = to_acc(g), to_acc(w)
-            m = b1 * to_acc(m) + (1 - b1) * g
-            v = b2 * v + (1 - b2) * inner(g, g, axes)
+            g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
+            rt = transport and d > 1
+            if rt:
+                # m is stored at the params it moved (x1). The original transports
+                # it after the step; with x1 = x2 + s m that equals, at x2 = w now,
+                # (<x2,x2> m - <m,x2> x2) / (<x2,x2> + eps): one Gram pass of
+                # (w, m, g) gives it and every quantity below.
+                ww, wm, mm, wg, gm, gg = group_inners((w_acc, m, g), _SRT_PAIRS, axes)
+                a_m = b1 * safe_div(ww, ww + eps)
+                a_w = -b1 * safe_div(wm, ww + eps)
+            else:
+                gg = inner(g, g, axes)
+            v = b2 * v + (1 - b2) * gg
             t = count.astype(v.dtype)
             bc1, bc2 = 1 - b1**t, 1 - b2**t
             # delta = -s * m with one scalar s per group.
             s = lr * d**0.5 / bc1 / (safe_sqrt(v) / jnp.sqrt(bc2) + eps)
-            if not (transport and d > 1):
+            if not rt:
                 s = per_unit(s)[0] if d > 1 else s
+                m = b1 * m + (1 - b1) * g
                 return (-s * m).astype(w.dtype), m, v
-            ww, wm, mm = (
-                inner(w_acc, w_acc, axes),
-                inner(w_acc, m, axes),
-                inner(m, m, axes),
+            # m_new = a_m m + a_w w + a_g g; v <- v <x1,x1> / (<x2,x2> + eps) with
+            # x2 = w - s m_new, expanded over the Gram quantities.
+            a_g = 1 - b1
+            w_mn = a_m * wm + a_w * ww + a_g * wg
+            mn_mn = jnp.maximum(
+                a_m * a_m * mm
+                + a_w * a_w * ww
+                + a_g * a_g * gg
+                + 2 * (a_m * a_w * wm + a_m * a_g * gm + a_w * a_g * wg),
+                0,
             )
-            x1x2, x2x2, mx2 = ww - s * wm, ww - 2 * s * wm + s * s * mm, wm - s * mm
-            v = v * safe_div(ww, x2x2 + eps)
-            s, a, c = per_unit(s, safe_div(x1x2, x2x2 + eps), safe_div(mx2, x2x2 + eps))
-            return (-s * m).astype(w.dtype), a * m - c * w_acc, v
+            v = v * safe_div(ww, ww - 2 * s * w_mn + s * s * mn_mn + eps)
+            # v goes through per_unit with the coefficients, so that every read of
+            # the Gram pass is ordered before the loops that overwrite w and m
+            # (otherwise XLA copies both donated buffers).
+            s, a_m, a_w, v = per_unit(s, a_m, a_w, v)
+            m = a_m * m + a_w * w_acc + a_g * g
+            return (-s * m).astype(w.dtype), m, v
 
         results = jax.tree.map(leaf, updates, state.mu, state.nu, params)
         deltas, mu, nu = _unzip(updates, results, 3)
@@ -823,6 +855,13 @@ def scale_by_sgdmrt(
     (as the original), and a group that lands exactly at zero keeps its buffer
     instead of dividing by zero. Last in a chain (it takes the learning rate).
 
+    Because :math:`x_1 = x_2 + \eta b`, the transport equals projecting ``b`` on the
+    tangent space at :math:`x_2`: :math:`b - \langle b, x_2\rangle_R\, x_2 /
+    \langle x_2, x_2\rangle_R`. riemax stores ``b`` where it was computed and
+    applies that projection at the start of the next update, from the current
+    params (the same trajectory; the two output loops then update donated buffers
+    in place).
+
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule.
       momentum: :math:`\mu`.
@@ -838,9 +877,14 @@ def scale_by_sgdmrt(
       >>> import jax.numpy as jnp, riemax
       >>> w = jnp.array([[1.0], [0.0]])
       >>> tx = riemax.scale_by_sgdmrt(0.1)
-      >>> delta, state = tx.update(jnp.array([[0.0], [1.0]]), tx.init(w), w)
-      >>> [round(float(x), 4) for x in state.trace.ravel()]  # tangent at [1, -0.1]
-      [0.099, 0.9901]
+      >>> state = tx.init(w)
+      >>> delta, state = tx.update(jnp.array([[0.0], [1.0]]), state, w)
+      >>> [round(float(x), 4) for x in delta.ravel()]  # -lr * b
+      [-0.0, -0.1]
+      >>> w = w + delta  # b is carried to w = [1, -0.1] by the next update:
+      >>> delta, _ = tx.update(jnp.zeros_like(w), state, w)
+      >>> [round(float(x), 4) for x in (delta / -0.1).ravel()]  # 0.9 * b at w
+      [0.0891, 0.8911]
 
     References:
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
@@ -859,26 +903,16 @@ def scale_by_sgdmrt(
 
         def leaf(g, b, w):
             axes = group_axes(w.ndim, channel_axes)
-            w_acc = to_acc(w)
-            b = momentum * to_acc(b) + to_acc(g)
-            delta = -lr * b
+            w_acc, b = to_acc(w), to_acc(b)
             if group_size(w.shape, axes) > 1:
-                ww, wb, bb = (
-                    inner(w_acc, w_acc, axes),
-                    inner(w_acc, b, axes),
-                    inner(b, b, axes),
-                )
-                x1x2, x2x2, bx2 = (
-                    ww - lr * wb,
-                    ww - 2 * lr * wb + lr * lr * bb,
-                    wb - lr * bb,
-                )
-                # b <- (x1x2 b - bx2 w) / x2x2; a group landing at 0 keeps its b.
-                a, c = per_unit(
-                    jnp.where(x2x2 > 0, safe_div(x1x2, x2x2), 1.0), safe_div(bx2, x2x2)
-                )
-                b = a * b - c * w_acc
-            return delta.astype(w.dtype), b
+                # b is stored at the params it moved (x1). The original transports
+                # it after the step; with x1 = x2 + lr b that equals projecting it
+                # at x2 = w now. A group at exactly zero keeps its buffer.
+                ww, wb = group_inners((w_acc, b), ((0, 0), (0, 1)), axes)
+                (c,) = per_unit(safe_div(wb, ww))
+                b = b - c * w_acc
+            b = momentum * b + to_acc(g)
+            return (-lr * b).astype(w.dtype), b
 
         results = jax.tree.map(leaf, updates, state.trace, params)
         deltas, trace = _unzip(updates, results, 2)

@@ -460,12 +460,20 @@ def test_unit_inners_match_numpy_in_one_blocked_pass(monkeypatch, block, shape):
         )
 
 
-@pytest.mark.parametrize("name", ["sgdg", "adamg"])
-def test_fused_step_updates_donated_buffers_in_place(name):
-    """With params and state donated, the compiled SGD-G/Adam-G step writes the new
-    step and params in place: XLA inserts no copy of a kernel-sized buffer (the
-    copies a step with shared-input output loops forces cost more than the step)."""
-    tx = {"sgdg": riemax.sgdg_update(0.1), "adamg": riemax.adamg_update(0.01)}[name]
+IN_PLACE = {
+    "sgdg": lambda: riemax.sgdg_update(0.1),
+    "adamg": lambda: riemax.adamg_update(0.01),
+    "adamsrt": lambda: riemax.scale_by_adams(0.01),
+    "sgdmrt": lambda: riemax.scale_by_sgdmrt(0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_steps_update_donated_buffers_in_place(name):
+    """With params and state donated, the compiled step writes the new buffer and
+    params in place: XLA inserts no copy of a kernel-sized buffer (the copies that
+    output loops sharing their inputs force cost more than the step itself)."""
+    tx = IN_PLACE[name]()
     w = jnp.asarray(unit_rand(0, (3, 3, 32, 48)), jnp.float32)
 
     def step(carry, g):
