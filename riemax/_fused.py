@@ -150,16 +150,19 @@ def _expmap_coefficients(theta, k, unit_eps):
     return jnp.cos(theta) * k, jnp.sinc(theta / jnp.pi) * ratio
 
 
-def _write(a_m, a_g, a_w, f, c, m, g, w):
+def _write(live, scale, ck, b, a_m, a_g, a_w, m, g, w):
     """The new stored step ``d = a_m m + a_g g + a_w w`` and the update
-    ``f d + c w``, from per-unit coefficients.
+    ``scale * Exp_y(d) - w = f d + c w`` (``scale * d`` on zero-norm units).
 
+    ``(ck, b)`` are the exponential-map coefficients of the step ``scale * d``.
     Written from ``d`` itself, the update loop reads only ``d`` and ``w``: the two
     output loops form a chain (``m -> d -> update``), so donated parameter and
     state buffers are updated in place without copies. This is why zero-norm units
     store the Euclidean step they take (``c = 0`` there): it is radial at the new
     point, and the next step drops it.
     """
+    f = scale * jnp.where(live, b, 1.0)
+    c = jnp.where(live, ck - 1, 0.0)
     a_m, a_g, a_w, f, c = per_unit(a_m, a_g, a_w, f, c)
     d = a_m * m + a_g * g + a_w * w
     return f * d + c * w, d
@@ -243,10 +246,7 @@ def sgdg_update(
             theta = _step_norm(momentum, t_m, t_w, tt, -lr, hg, hw, hh, gram)
             a_m, a_g, a_w = momentum * t_m, -lr * hg, momentum * t_w - lr * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
-            # d = a_m d_prev + a_g g + a_w w; update = Exp_y(d) - w on live units.
-            f = jnp.where(live, b, 1.0)
-            c = jnp.where(live, ck - 1, 0.0)
-            delta, d = _write(a_m, a_g, a_w, f, c, d_prev, g, w_acc)
+            delta, d = _write(live, 1.0, ck, b, a_m, a_g, a_w, d_prev, g, w_acc)
             return delta.astype(w.dtype), d
 
         results = _map_units("sgdg_update", leaf, updates, state.trace, params)
@@ -349,10 +349,7 @@ def adamg_update(
             theta = jnp.abs(scale) * norm_m
             a_m, a_g, a_w = b1 * t_m, (1 - b1) * hg, b1 * t_w + (1 - b1) * hw
             ck, b = _expmap_coefficients(theta, k, unit_eps)
-            # update = Exp_y(scale * m_new) - w on live units, scale * m_new elsewhere.
-            f = scale * jnp.where(live, b, 1.0)
-            c = jnp.where(live, ck - 1, 0.0)
-            delta, m_new = _write(a_m, a_g, a_w, f, c, m, g, w_acc)
+            delta, m_new = _write(live, scale, ck, b, a_m, a_g, a_w, m, g, w_acc)
             return delta.astype(w.dtype), m_new, v
 
         results = _map_units("adamg_update", leaf, updates, state.mu, state.nu, params)

@@ -107,13 +107,13 @@ def group_inners(
     pairs: Sequence[tuple[int, int]],
     axes: Sequence[int],
 ) -> tuple[jax.Array, ...]:
-    """Per-group inner products over ``axes`` (dims kept), like :func:`inner`.
+    """Per-group inner products over ``axes`` (sorted, as :func:`group_axes` gives
+    them; dims kept), like :func:`inner`.
 
     Groups of one output unit (all axes but the last) and of the whole tensor take
     the single pass of :func:`unit_inners`; other groupings sum each pair.
     """
-    ndim = arrays[0].ndim
-    axes = tuple(sorted(a % ndim for a in axes)) if ndim else ()
+    ndim, axes = arrays[0].ndim, tuple(axes)
     if ndim and axes == tuple(range(ndim - 1)):
         return unit_inners(arrays, pairs)
     if ndim and axes == tuple(range(ndim)):
