@@ -6,21 +6,15 @@ units on the unit sphere with composable :class:`optax.GradientTransformation`\\
 """
 
 from riemax import _sphere as sphere
+from riemax._adamsrt import (
+    ScaleByAdamsState,
+    ScaleBySgdmrtState,
+    scale_by_adams,
+    scale_by_sgdmrt,
+)
 from riemax._alias import adamg, adams, adamsrt, hybrid, sgdg, sgdmrt
 from riemax._enorm import apply_enorm, enorm_cycle, kernel_chain
-from riemax._fused import AdamgUpdateState, SgdgUpdateState, adamg_update, sgdg_update
-from riemax._labels import (
-    EUCLIDEAN,
-    MANIFOLD,
-    label_report,
-    labels_by_invariance,
-    labels_by_regex,
-    labels_by_rule,
-    labels_from_model,
-)
-from riemax._transforms import (
-    AdamSState,
-    SgdMRTState,
+from riemax._grassmann import (
     SphericalAdamState,
     TransportedMomentumState,
     clip_tangent_norm,
@@ -28,29 +22,56 @@ from riemax._transforms import (
     grassmann_project,
     ortho_penalty,
     orthogonality_loss,
-    scale_by_adams,
-    scale_by_sgdmrt,
     spherical_adam,
     transported_momentum,
     unit_init,
 )
+from riemax._labels import (
+    EUCLIDEAN,
+    MANIFOLD,
+    check_labels,
+    label_report,
+    labels_by_regex,
+    labels_by_rule,
+)
+from riemax._labels_numerical import labels_by_invariance
+from riemax._labels_structural import labels_from_model
+from riemax._sgdg_adamg import (
+    ScaleByAdamgState,
+    ScaleBySgdgState,
+    scale_by_adamg,
+    scale_by_sgdg,
+)
+from riemax._version import __version__
 
-__version__ = "0.1.0"
+# Earlier names, kept as aliases.
+sgdg_update = scale_by_sgdg
+adamg_update = scale_by_adamg
+SgdgUpdateState = ScaleBySgdgState
+AdamgUpdateState = ScaleByAdamgState
+AdamSState = ScaleByAdamsState
+SgdMRTState = ScaleBySgdmrtState
 
 __all__ = [
     "AdamSState",
     "AdamgUpdateState",
     "EUCLIDEAN",
     "MANIFOLD",
+    "ScaleByAdamgState",
+    "ScaleByAdamsState",
+    "ScaleBySgdgState",
+    "ScaleBySgdmrtState",
     "SgdMRTState",
     "SgdgUpdateState",
     "SphericalAdamState",
     "TransportedMomentumState",
+    "__version__",
     "adamg",
     "adamg_update",
     "adams",
     "adamsrt",
     "apply_enorm",
+    "check_labels",
     "clip_tangent_norm",
     "enorm_cycle",
     "exp_map_update",
@@ -64,7 +85,9 @@ __all__ = [
     "labels_from_model",
     "ortho_penalty",
     "orthogonality_loss",
+    "scale_by_adamg",
     "scale_by_adams",
+    "scale_by_sgdg",
     "scale_by_sgdmrt",
     "sgdg",
     "sgdg_update",

@@ -14,9 +14,11 @@ from typing import Any
 
 import optax
 
-from riemax._fused import adamg_update, sgdg_update
+from riemax._adamsrt import scale_by_adams, scale_by_sgdmrt
+from riemax._grassmann import ortho_penalty
 from riemax._labels import EUCLIDEAN, MANIFOLD, check_labels
-from riemax._transforms import ortho_penalty, scale_by_adams, scale_by_sgdmrt
+from riemax._sgdg_adamg import scale_by_adamg, scale_by_sgdg
+from riemax._unitwise import check_channel_axes, check_number, validated
 
 
 def sgdg(
@@ -39,8 +41,8 @@ def sgdg(
         w &\leftarrow \mathrm{Exp}_y(d)
       \end{align*}
 
-    It is ``optax.chain(ortho_penalty(omega), sgdg_update(learning_rate, momentum,
-    grad_clip))``, where :func:`sgdg_update` computes ``grassmann_project() ->
+    It is ``optax.chain(ortho_penalty(omega), scale_by_sgdg(learning_rate, momentum,
+    grad_clip))``, where :func:`scale_by_sgdg` computes ``grassmann_project() ->
     clip_tangent_norm(grad_clip) -> optax.scale_by_learning_rate(learning_rate) ->
     transported_momentum(momentum) -> exp_map_update()`` in one pass over each
     kernel (the tests check the two agree to float64 rounding). The learning rate
@@ -74,7 +76,7 @@ def sgdg(
     """
     return optax.chain(
         ortho_penalty(omega, at="unit", unit_eps=unit_eps),
-        sgdg_update(learning_rate, momentum, grad_clip, unit_eps=unit_eps),
+        scale_by_sgdg(learning_rate, momentum, grad_clip, unit_eps=unit_eps),
     )
 
 
@@ -99,11 +101,11 @@ def adamg(
         \frac{m_j}{\sqrt{v_j + \epsilon}}, \qquad w_j \leftarrow
         \mathrm{Exp}_{y_j}(\delta_j)
 
-    It is ``optax.chain(ortho_penalty(omega), adamg_update(learning_rate, b1, b2,
-    eps, grad_clip))``, where :func:`adamg_update` computes ``grassmann_project() ->
-    clip_tangent_norm(grad_clip) -> spherical_adam(b1, b2, eps) ->
-    optax.scale_by_learning_rate(learning_rate) -> exp_map_update()`` in one pass
-    over each kernel.
+    It is ``optax.chain(ortho_penalty(omega), scale_by_adamg(learning_rate, b1, b2,
+    eps, grad_clip))``, where :func:`scale_by_adamg` computes ``grassmann_project()
+    -> clip_tangent_norm(grad_clip) -> spherical_adam(b1, b2, eps,
+    learning_rate=learning_rate) -> exp_map_update()`` in one pass over each
+    kernel.
 
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule.
@@ -131,7 +133,71 @@ def adamg(
     """
     return optax.chain(
         ortho_penalty(omega, at="unit", unit_eps=unit_eps),
-        adamg_update(learning_rate, b1, b2, eps, grad_clip, unit_eps=unit_eps),
+        scale_by_adamg(learning_rate, b1, b2, eps, grad_clip, unit_eps=unit_eps),
+    )
+
+
+def adamsrt(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+    transport: bool = True,
+) -> optax.GradientTransformation:
+    r"""AdamSRT: AdamS with rescaled transport of its moments (Roburin et al.).
+
+    ``optax.chain(optax.add_decayed_weights(weight_decay),
+    scale_by_adams(learning_rate, b1, b2, eps, transport=transport))``: coupled L2,
+    then the standardised step of :func:`scale_by_adams`. After each step the
+    first moment is transported to the new point and both moments are rescaled by
+    the change of the group norm; ``transport=False`` is AdamS (:func:`adams`).
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b1: First-moment decay.
+      b2: Second-moment decay.
+      eps: Added after the square root and in the transport denominators.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
+      channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
+        element-wise (then it is Adam with coupled L2). Static.
+      transport: Rescale and transport the moments (AdamSRT) or not (AdamS).
+        Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}
+      >>> tx = riemax.adamsrt(1e-3)
+      >>> updates, state = tx.update(w, tx.init(w), w)
+      >>> [round(float(x), 5) for x in jnp.diag(updates["kernel"])]  # -lr * sqrt(3)
+      [-0.00173, -0.00173, -0.00173]
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    check_number("adamsrt", "weight_decay", weight_decay)
+    check_channel_axes("adamsrt", channel_axes)
+    return validated(
+        "adamsrt",
+        optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            scale_by_adams(
+                learning_rate,
+                b1,
+                b2,
+                eps,
+                channel_axes=channel_axes,
+                transport=transport,
+            ),
+        ),
+        units=False,
+        channel_axes=channel_axes,
     )
 
 
@@ -146,9 +212,8 @@ def adams(
 ) -> optax.GradientTransformation:
     r"""AdamS: Adam with one second moment per group (Roburin et al., 2020).
 
-    ``optax.chain(optax.add_decayed_weights(weight_decay),
-    scale_by_adams(learning_rate, b1, b2, eps, transport=False))``: coupled L2,
-    then the standardised step of :func:`scale_by_adams`. With
+    :func:`adamsrt` without the rescaled transport (``transport=False``): coupled
+    L2, then the standardised step of :func:`scale_by_adams`. With
     ``channel_axes=None`` it is Adam with coupled L2.
 
     Args:
@@ -156,7 +221,7 @@ def adams(
       b1: First-moment decay.
       b2: Second-moment decay.
       eps: Added after the square root.
-      weight_decay: Coupled L2 coefficient added to the gradient.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
       channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
         element-wise. Static.
 
@@ -175,69 +240,14 @@ def adams(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        scale_by_adams(
-            learning_rate,
-            b1,
-            b2,
-            eps,
-            channel_axes=channel_axes,
-            transport=False,
-        ),
-    )
-
-
-def adamsrt(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    *,
-    channel_axes: Sequence[int] | None = (-1,),
-) -> optax.GradientTransformation:
-    r"""AdamSRT: AdamS with rescaled transport of its moments (Roburin et al.).
-
-    ``optax.chain(optax.add_decayed_weights(weight_decay),
-    scale_by_adams(learning_rate, b1, b2, eps, transport=True))``. After each
-    step the first moment is transported to the new point and both moments are
-    rescaled by the change of the group norm (see :func:`scale_by_adams`).
-
-    Args:
-      learning_rate: :math:`\eta`, a float or an optax schedule.
-      b1: First-moment decay.
-      b2: Second-moment decay.
-      eps: Added after the square root and in the transport denominators.
-      weight_decay: Coupled L2 coefficient added to the gradient.
-      channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
-        element-wise (then it is Adam). Static.
-
-    Returns:
-      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
-
-    Examples:
-      >>> import jax.numpy as jnp, riemax
-      >>> w = {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}
-      >>> tx = riemax.adamsrt(1e-3)
-      >>> updates, state = tx.update(w, tx.init(w), w)
-      >>> [round(float(x), 5) for x in jnp.diag(updates["kernel"])]  # -lr * sqrt(3)
-      [-0.00173, -0.00173, -0.00173]
-
-    References:
-      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
-      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
-    """
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        scale_by_adams(
-            learning_rate,
-            b1,
-            b2,
-            eps,
-            channel_axes=channel_axes,
-            transport=True,
-        ),
+    return adamsrt(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        weight_decay,
+        channel_axes=channel_axes,
+        transport=False,
     )
 
 
@@ -255,8 +265,8 @@ def sgdmrt(
 
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule.
-      momentum: :math:`\mu`.
-      weight_decay: Coupled L2 coefficient added to the gradient.
+      momentum: :math:`\mu`, in ``[0, 1]``.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
       channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
         element-wise (then it is SGD with momentum). Static.
 
@@ -275,9 +285,16 @@ def sgdmrt(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes),
+    check_number("sgdmrt", "weight_decay", weight_decay)
+    check_channel_axes("sgdmrt", channel_axes)
+    return validated(
+        "sgdmrt",
+        optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes),
+        ),
+        units=False,
+        channel_axes=channel_axes,
     )
 
 
@@ -320,6 +337,14 @@ def hybrid(
       Cho and Lee, `Riemannian approach to batch normalization
       <https://arxiv.org/abs/1709.09603>`_, 2017
     """
+    for name, tx in (("manifold_tx", manifold_tx), ("euclidean_tx", euclidean_tx)):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"riemax.hybrid: {name} must be an optax.GradientTransformation, "
+                f"got {type(tx).__name__}."
+            )
+    if labels is None:
+        raise TypeError("riemax.hybrid: labels must be a label tree or a callable.")
     return optax.partition(
         {MANIFOLD: manifold_tx, EUCLIDEAN: euclidean_tx},
         functools.partial(check_labels, labels=labels),

@@ -5,9 +5,12 @@ division, so that
 
 * reductions accumulate in at least float32 (bf16/fp16 inputs are promoted),
 * a norm has value 0 *and* gradient 0 at the origin (no ``NaN`` through
-  ``jax.grad``), and
+  ``jax.grad``),
 * a division by a zero denominator yields 0 in value and gradient (the
-  "double ``where``" pattern: the risky operand is replaced *before* the op).
+  "double ``where``" pattern: the risky operand is replaced *before* the op), and
+* no sum of squares overflows or underflows: :func:`gram` returns the inner
+  products of arrays *scaled* by a power of two per group (exact), so a gradient of
+  1e38 or a unit of 1e-30 has a finite, accurate norm.
 """
 
 from __future__ import annotations
@@ -15,20 +18,22 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def acc_dtype(dtype) -> jnp.dtype:
+def acc_dtype(dtype: Any) -> jnp.dtype:
     """Accumulation dtype: ``dtype`` promoted to at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def to_acc(x: jax.Array) -> jax.Array:
+def to_acc(x: Any) -> jax.Array:
     """Casts ``x`` to its accumulation dtype (a no-op for float32/float64)."""
-    return jnp.asarray(x).astype(acc_dtype(jnp.asarray(x).dtype))
+    x = jnp.asarray(x)
+    return x.astype(acc_dtype(x.dtype))
 
 
 def unit_axes(ndim: int) -> tuple[int, ...]:
@@ -37,22 +42,22 @@ def unit_axes(ndim: int) -> tuple[int, ...]:
 
 
 def group_axes(ndim: int, channel_axes: Sequence[int] | None) -> tuple[int, ...]:
-    """Reduced axes R for a group specification.
+    """Reduced axes R for a group specification (axes already validated).
 
     Args:
       ndim: Rank of the leaf.
       channel_axes: Axes that *index* independent groups. ``(-1,)`` (one group per
         output unit, the BatchNorm case), ``()`` (the whole tensor is one group,
-        the LayerNorm case) or ``None`` (every element is its own group).
+        the LayerNorm case) or ``None`` (every element is its own group). A scalar
+        leaf has no axes: every specification gives one group of one element.
 
     Returns:
-      The axes summed over inside one group (the complement of ``channel_axes``).
-      Channel axes outside the leaf's rank are ignored, so ``(-1,)`` on a scalar
-      leaf gives element-wise groups.
+      The axes summed over inside one group (the complement of ``channel_axes``),
+      sorted.
     """
-    if channel_axes is None:
+    if channel_axes is None or ndim == 0:
         return ()
-    kept = {a % ndim for a in channel_axes if -ndim <= a < ndim} if ndim else set()
+    kept = {a % ndim for a in channel_axes}
     return tuple(a for a in range(ndim) if a not in kept)
 
 
@@ -61,90 +66,220 @@ def group_size(shape: Sequence[int], axes: Sequence[int]) -> int:
     return int(np.prod([shape[a] for a in axes], dtype=np.int64))
 
 
+def kept_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """Shape of a per-group quantity: ``shape`` with the reduced ``axes`` set to 1."""
+    return tuple(1 if a in axes else s for a, s in enumerate(shape))
+
+
 def inner(a: jax.Array, b: jax.Array, axes: Sequence[int]) -> jax.Array:
-    """Per-group inner product ``sum(a * b)`` over ``axes``, dims kept."""
+    """Per-group inner product ``sum(a * b)`` over ``axes``, dims kept (unscaled)."""
     return jnp.sum(a * b, axis=tuple(axes), keepdims=True)
 
 
-#: Elements per operand in one block of :func:`unit_inners` on CPU (2 MiB in
-#: float32): three operands stay in the last-level cache while six products are
-#: summed over them.
+def tolerance(dtype: Any) -> float:
+    """A rounding tolerance for ``dtype``: the square root of its machine epsilon."""
+    return float(jnp.finfo(dtype).eps) ** 0.5
+
+
+# --------------------------------------------------------------------- powers of two
+
+
+def _exp_range(dtype: Any) -> tuple[int, int]:
+    """Exponents ``E`` whose scaling factors ``2**E`` and ``2**-E`` are both normal."""
+    info = jnp.finfo(dtype)
+    return int(info.minexp) + info.nmant + 1, int(info.maxexp) - 2
+
+
+def pow2(e: jax.Array, dtype: Any) -> jax.Array:
+    """Exactly ``2.0 ** e`` for integer ``e`` inside the normal range of ``dtype``."""
+    info = jnp.finfo(dtype)
+    bits = {4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+    e = jnp.clip(
+        jnp.asarray(e).astype(bits), int(info.minexp) - 1, int(info.maxexp) - 1
+    )
+    biased = (e + (int(info.maxexp) - 1)) << info.nmant
+    return jax.lax.bitcast_convert_type(biased.astype(bits), dtype)
+
+
+def exponent(m: jax.Array) -> jax.Array:
+    """Per-group scaling exponent of a non-negative magnitude ``m``.
+
+    ``E`` with ``m * 2**-E`` in ``[0.5, 1)``, clamped so that ``2**E`` and
+    ``2**-E`` stay normal; 0 where ``m`` is zero or not finite. Piecewise constant,
+    so it carries no gradient.
+    """
+    lo, hi = _exp_range(m.dtype)
+    _, e = jnp.frexp(m)
+    ok = (m > 0) & jnp.isfinite(m)
+    return jax.lax.stop_gradient(jnp.clip(jnp.where(ok, e, 0), lo, hi))
+
+
+def scaled(x: jax.Array, e: jax.Array) -> jax.Array:
+    """``x * 2**-e`` (exact; ``e`` broadcasts per group)."""
+    return x * pow2(-e, x.dtype)
+
+
+def unscaled(x: Any, e: jax.Array, dtype: Any = None) -> jax.Array:
+    """``x * 2**e``: infinite only where the true value overflows.
+
+    ``e`` may be a sum of two scaling exponents: the factor is applied in two
+    halves of the same sign, each a normal power of two. ``dtype`` gives the dtype
+    of a Python number ``x``.
+    """
+    x = jnp.asarray(x, dtype)
+    half = e // 2
+    return x * pow2(half, x.dtype) * pow2(e - half, x.dtype)
+
+
+# -------------------------------------------------------------------------- the Gram
+
+
+class Gram(NamedTuple):
+    """Per-group inner products of arrays scaled by powers of two.
+
+    ``values[i]`` is :math:`\\langle x_p 2^{-E_p}, x_q 2^{-E_q}\\rangle` for the
+    ``i``-th pair ``(p, q)``, and ``exps[p]`` is ``E_p``, chosen per group so that
+    the largest element of every scaled array has magnitude in ``[0.5, 1)``. All
+    values are therefore at most the group size, whatever the magnitudes of the
+    arrays; true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
+    """
+
+    values: tuple[jax.Array, ...]
+    exps: tuple[jax.Array, ...]
+
+    def factor(self, p: int) -> jax.Array:
+        """``2**-E_p``: multiply array ``p`` by it to get its scaled version."""
+        return pow2(-self.exps[p], self.values[0].dtype)
+
+
+#: Elements per operand in one block of the CPU pass (2 MiB in float32): three
+#: operands stay in the last-level cache while their products are summed.
 CPU_BLOCK_ELEMENTS = 1 << 19
 
 
-def unit_inners(
-    arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]
-) -> tuple[jax.Array, ...]:
-    """Per-unit inner products ``<arrays[p], arrays[q]>`` for every ``(p, q)``.
-
-    All arrays share one shape; a unit is a slice ``x[..., j]`` (Flax layout) and
-    each result has shape ``(1, ..., 1, units)`` like :func:`inner`. Where the
-    kernel is large the inner products are computed in a single pass over memory:
-    XLA's CPU backend runs every reduction as its own pass, so on CPU the rows are
-    walked in cache-sized blocks and all products of a block are summed while it
-    is in cache. Other backends merge sibling reductions themselves and get the
-    plain sums.
-    """
-    shape = arrays[0].shape
-    units = shape[-1] if shape else 1
-    rows = math.prod(shape[:-1])
-    mats = [a.reshape(rows, units) for a in arrays]
-    block = max(1, CPU_BLOCK_ELEMENTS // max(units, 1))
-    if rows >= 2 * block:
-        sums = jax.lax.platform_dependent(
-            *mats,
-            cpu=functools.partial(_blocked_inners, pairs=pairs, block=block),
-            default=functools.partial(_column_inners, pairs=pairs),
-        )
-    else:
-        sums = _column_inners(*mats, pairs=pairs)
-    keep = (1,) * (len(shape) - 1) + (units,)
-    return tuple(s.reshape(keep) for s in sums)
+def _stats(mats, pairs):
+    """Column sums of the pair products and column max-abs of every matrix."""
+    sums = tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
+    maxes = tuple(jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats)
+    return sums + maxes
 
 
-def group_inners(
-    arrays: Sequence[jax.Array],
-    pairs: Sequence[tuple[int, int]],
-    axes: Sequence[int],
-) -> tuple[jax.Array, ...]:
-    """Per-group inner products over ``axes`` (sorted, as :func:`group_axes` gives
-    them; dims kept), like :func:`inner`.
-
-    Groups of one output unit (all axes but the last) and of the whole tensor take
-    the single pass of :func:`unit_inners`; other groupings sum each pair.
-    """
-    ndim, axes = arrays[0].ndim, tuple(axes)
-    if ndim and axes == tuple(range(ndim - 1)):
-        return unit_inners(arrays, pairs)
-    if ndim and axes == tuple(range(ndim)):
-        columns = unit_inners([a.reshape(-1, 1) for a in arrays], pairs)
-        return tuple(c.reshape((1,) * ndim) for c in columns)
-    return tuple(inner(arrays[p], arrays[q], axes) for p, q in pairs)
-
-
-def _column_inners(*mats, pairs):
-    return tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
-
-
-def _blocked_inners(*mats, pairs, block):
+def _blocked_stats(*mats, pairs, block):
+    """:func:`_stats` in one pass over memory: row blocks in a ``fori_loop``."""
     rows = mats[0].shape[0]
     count, rest = divmod(rows, block)
+    n_sums = len(pairs)
+
+    def merge(acc, part):
+        return tuple(
+            a + s if i < n_sums else jnp.maximum(a, s)
+            for i, (a, s) in enumerate(zip(acc, part, strict=True))
+        )
 
     def body(i, acc):
         part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
-        return tuple(
-            a + s for a, s in zip(acc, _column_inners(*part, pairs=pairs), strict=True)
-        )
+        return merge(acc, _stats(part, pairs))
 
     zeros = tuple(
         jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
         for p, q in pairs
-    )
-    sums = jax.lax.fori_loop(0, count, body, zeros)
+    ) + tuple(jnp.zeros(m.shape[1:], m.dtype) for m in mats)
+    acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
-        tail = _column_inners(*[m[count * block :] for m in mats], pairs=pairs)
-        sums = tuple(a + t for a, t in zip(sums, tail, strict=True))
-    return sums
+        acc = merge(acc, _stats([m[count * block :] for m in mats], pairs))
+    return acc
+
+
+def _one_pass(mats, pairs):
+    """Sums and max-abs per column, in a single pass over memory where it matters.
+
+    XLA's CPU backend runs every reduction as its own pass over memory, so large
+    matrices are walked in cache-sized row blocks there; other backends merge
+    sibling reductions themselves and get the plain reductions.
+    """
+    rows, cols = mats[0].shape
+    block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
+    if rows >= 2 * block:
+        return jax.lax.platform_dependent(
+            *mats,
+            cpu=functools.partial(_blocked_stats, pairs=pairs, block=block),
+            default=lambda *m: _stats(m, pairs),
+        )
+    return _stats(mats, pairs)
+
+
+def _as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` as ``(reduced elements, groups)``: the reduced axes first."""
+    rest = tuple(a for a in range(x.ndim) if a not in axes)
+    if axes != tuple(range(len(axes))):
+        x = jnp.transpose(x, axes + rest)
+    rows = math.prod(x.shape[: len(axes)])
+    return x.reshape(rows, -1)
+
+
+def gram(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int]],
+    axes: Sequence[int],
+) -> Gram:
+    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``.
+
+    All arrays share one shape and one floating dtype; ``axes`` are the reduced
+    axes (sorted; ``unit_axes(ndim)`` for one group per output unit). Results have
+    the shape of a per-group quantity (:func:`kept_shape`).
+
+    One pass over memory computes the plain inner products and the largest
+    magnitude of every array in every group. When those magnitudes are in a range
+    where no product or sum can overflow or underflow, the scaled values follow
+    exactly from the plain ones (a multiplication by powers of two). Otherwise, a
+    rarely taken branch (:func:`jax.lax.cond`) sums the products of the scaled
+    arrays.
+    """
+    axes = tuple(axes)
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    keep = kept_shape(shape, axes)
+    if not axes:  # one element per group: products cannot be rescaled usefully
+        values = tuple(arrays[p] * arrays[q] for p, q in pairs)
+        return Gram(values, tuple(jnp.zeros(shape, jnp.int32) for _ in arrays))
+    mats = [_as_matrix(a, axes) for a in arrays]
+    stats = _one_pass(mats, pairs)
+    sums, maxes = stats[: len(pairs)], stats[len(pairs) :]
+    exps = tuple(exponent(m) for m in maxes)
+    # Plain sums are exact enough when every group's largest magnitude M satisfies
+    # n * M**2 < 2**(maxexp - 2) and M**2 is far above the smallest normal number.
+    info = jnp.finfo(dtype)
+    n = max(mats[0].shape[0], 1)
+    hi = (int(info.maxexp) - 2 - math.ceil(math.log2(n))) // 2
+    lo = (int(info.minexp) + info.nmant + 1) // 2
+    in_range = [
+        (m == 0) | ((e >= lo) & (e <= hi)) for m, e in zip(maxes, exps, strict=True)
+    ]
+    safe = jnp.all(jnp.stack([jnp.all(r) for r in in_range])) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums])
+    )
+    factors = [pow2(-e, dtype) for e in exps]
+
+    def from_plain(_):
+        return tuple(
+            s * factors[p] * factors[q] for s, (p, q) in zip(sums, pairs, strict=True)
+        )
+
+    def rescaled(_):
+        scaled_mats = [m * f for m, f in zip(mats, factors, strict=True)]
+        return _one_pass(scaled_mats, pairs)[: len(pairs)]
+
+    values = jax.lax.cond(safe, from_plain, rescaled, None)
+    return Gram(
+        tuple(v.reshape(keep) for v in values), tuple(e.reshape(keep) for e in exps)
+    )
+
+
+def unit_gram(arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]) -> Gram:
+    """:func:`gram` with one group per output unit (all axes but the last)."""
+    return gram(arrays, pairs, unit_axes(arrays[0].ndim))
+
+
+# -------------------------------------------------------------- zero-safe primitives
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -153,23 +288,50 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_div(num: Any, den: Any) -> jax.Array:
     """``num / den`` where ``den != 0`` and 0 elsewhere, NaN-free in gradients."""
+    den = jnp.asarray(den)
     nonzero = den != 0
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
 
 
 def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
-    """Per-group Euclidean norm over ``axes`` (dims kept), zero-safe."""
-    return safe_sqrt(inner(x, x, axes))
+    """Per-group Euclidean norm over ``axes`` (dims kept): zero-safe, and finite
+    wherever the true norm is representable."""
+    g = gram([x], [(0, 0)], axes)
+    return unscaled(safe_sqrt(g.values[0]), g.exps[0])
 
 
 def normalize(
-    x: jax.Array, axes: Sequence[int], eps: jax.typing.ArrayLike
+    x: jax.Array, axes: Sequence[int], eps: Any
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(x / (||x|| + eps), ||x||)`` per group; a zero group maps to 0."""
-    n = norm(x, axes)
-    return safe_div(x, n + eps), n
+    """Returns ``(x / (||x|| + eps), ||x||)`` per group; a zero group maps to 0.
+
+    Computed on the scaled array, so it is exact for any magnitude of ``x``.
+    """
+    g = gram([x], [(0, 0)], axes)
+    n = safe_sqrt(g.values[0])
+    unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
+    return unit, unscaled(n, g.exps[0])
+
+
+def pnorm(x: jax.Array, axes: Sequence[int], p: float) -> jax.Array:
+    """Per-group p-norm over ``axes`` (dims dropped) in >= float32, for p >= 1 or
+    inf; zero with zero gradient at zero, scaled so that no power overflows."""
+    x = to_acc(x)
+    axes = tuple(axes)
+    big = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    if math.isinf(p):
+        return jnp.max(jnp.abs(x), axis=axes)
+    e = exponent(big)
+    xs = scaled(x, e)
+    if p == 2:
+        total = jnp.sum(xs * xs, axis=axes, keepdims=True)
+        return unscaled(safe_sqrt(total), e).squeeze(axes)
+    total = jnp.sum(jnp.abs(xs) ** p, axis=axes, keepdims=True)
+    positive = total > 0
+    root = jnp.where(positive, jnp.where(positive, total, 1) ** (1.0 / p), 0)
+    return unscaled(root, e).squeeze(axes)
 
 
 def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
@@ -187,9 +349,3 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
     once = jnp.sum(jnp.where(first, stacked[None], 0), axis=0)
     return tuple(once[i] for i in range(len(coefficients)))
-
-
-def check_nonnegative(name: str, value) -> None:
-    """Raises ``ValueError`` for a negative Python number (arrays are not checked)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise ValueError(f"{name} must be non-negative, got {value!r}.")

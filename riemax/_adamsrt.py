@@ -1,0 +1,347 @@
+r"""The group-wise steps of Roburin, de Mont-Marin et al. (2020): AdamS, AdamSRT
+and SGD-MRT.
+
+Groups are indexed by ``channel_axes`` (Flax layout): ``(-1,)`` one group per
+output unit (the BatchNorm case), ``()`` the whole tensor (LayerNorm), ``None``
+every element (the classic optimizers). :math:`\langle\cdot,\cdot\rangle_R` sums
+over the other axes and :math:`d` is the group size. Leaves of any rank are
+accepted; a group of one element reduces each step to Adam / momentum SGD.
+
+Both steps take the learning rate, because the rescaled transport ("RT") depends
+on the step actually taken: they return the final additive update and come last
+in a chain. Their buffers are stored where they were computed and carried to the
+params of the next ``update`` at its start: since the old point is the new one
+plus the step, the originals' transport equals a projection at the new point,
+which needs the current params only (the same trajectory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from riemax._numerics import (
+    exponent,
+    gram,
+    group_axes,
+    group_size,
+    per_unit,
+    pow2,
+    safe_div,
+    safe_sqrt,
+    to_acc,
+    unscaled,
+)
+from riemax._unitwise import (
+    check_channel_axes,
+    check_dtype,
+    check_learning_rate,
+    check_number,
+    check_params,
+    check_rate,
+    leaf_map,
+    need_params,
+    schedule_value,
+    unzip,
+    zeros_like_state,
+    zeros_per_group,
+)
+
+
+class ScaleByAdamsState(NamedTuple):
+    """State of :func:`scale_by_adams`: step count, first moment, per-group second
+    moment per element."""
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    mu: optax.Params
+    nu: optax.Params
+
+
+class ScaleBySgdmrtState(NamedTuple):
+    """State of :func:`scale_by_sgdmrt`: step count and momentum buffer."""
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    trace: optax.Params
+
+
+#: (w, m, g) index pairs of the AdamSRT Gram pass: ww, wm, mm, wg, gm, gg.
+_SRT_PAIRS = ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2))
+
+
+def _quadratic(values, pairs, coefs):
+    """``|sum_i coefs[i] x~_i|^2`` from the scaled Gram ``values`` over ``pairs``."""
+    total = 0.0
+    for value, (p, q) in zip(values, pairs, strict=True):
+        total = total + (1 if p == q else 2) * coefs[p] * coefs[q] * value
+    return jnp.maximum(total, 0)
+
+
+def scale_by_adams(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+    transport: bool = True,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""AdamS / AdamSRT step: one second moment per group, rescaled transport.
+
+    With ``t`` the step count, :math:`x_1 = w` and :math:`x_2 = w + \Delta`:
+
+    .. math::
+
+      \begin{align*}
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2) \langle g, g\rangle_R / d \\
+        \Delta &= -\eta\sqrt{d}\;\frac{m / (1-\beta_1^t)}
+          {\sqrt{d v}/\sqrt{1-\beta_2^t} + \epsilon} \\
+        v &\leftarrow v\, \frac{\langle x_1, x_1\rangle_R}
+          {\langle x_2, x_2\rangle_R + \epsilon}, \qquad
+        m \leftarrow \frac{\langle x_1, x_2\rangle_R\, m
+          - \langle m, x_2\rangle_R\, x_1}{\langle x_2, x_2\rangle_R + \epsilon}
+      \end{align*}
+
+    ``v`` is stored per element (the original's :math:`\langle g, g\rangle_R`
+    divided by :math:`d`), so that it stays finite wherever the squares of the
+    gradient do; :math:`\sqrt{d v}` is the original's root. The last line (rescale
+    and transport, "RT") runs only when ``transport`` and :math:`d > 1`.
+
+    With :math:`x_1 = x_2 + s\,m` the transport of ``m`` equals
+    :math:`(\langle x_2, x_2\rangle_R\, m - \langle m, x_2\rangle_R\, x_2) /
+    (\langle x_2, x_2\rangle_R + \epsilon)`, which needs only the new point:
+    riemax stores ``m`` where it was computed and transports it at the start of
+    the next update (the same trajectory); ``v`` is rescaled at the end of the
+    step. All per-group inner products come from one pass over ``w``, ``m`` and
+    ``g``.
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule of the step count.
+      b1: First-moment decay, in ``[0, 1)``.
+      b2: Second-moment decay, in ``[0, 1)``.
+      eps: Added after the square root (bias-corrected), and in the RT
+        denominators.
+      channel_axes: Axes indexing the groups: ``(-1,)`` one group per output unit
+        (BatchNorm; default), ``()`` the whole tensor (LayerNorm), ``None``
+        element-wise (plain Adam). Static.
+      transport: Apply RT (AdamSRT) or not (AdamS). Static.
+      mu_dtype: Dtype of ``m``; defaults to the params dtype promoted to at least
+        float32. Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`ScaleByAdamsState`;
+      needs ``params``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, riemax
+      >>> w = jnp.array([[1.0], [0.0]])
+      >>> tx = riemax.scale_by_adams(0.1)
+      >>> delta, state = tx.update(jnp.array([[0.0], [1.0]]), tx.init(w), w)
+      >>> round(float(delta[1, 0]), 5)  # -lr * sqrt(d) * m_hat / sqrt(d * v_hat)
+      -0.14142
+      >>> round(float(state.nu[0, 0]), 7)  # (0.001 / 2) rescaled by |x1|^2 / |x2|^2
+      0.0004902
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    owner = "scale_by_adams"
+    check_learning_rate(owner, learning_rate)
+    check_rate(owner, "b1", b1)
+    check_rate(owner, "b2", b2)
+    check_number(owner, "eps", eps)
+    check_channel_axes(owner, channel_axes)
+    check_dtype(owner, "mu_dtype", mu_dtype)
+
+    def axes_of(p):
+        return group_axes(p.ndim, channel_axes)
+
+    def init_fn(params):
+        check_params(owner, params, units=False, channel_axes=channel_axes)
+        return ScaleByAdamsState(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros_like_state(params, mu_dtype),
+            nu=zeros_per_group(params, axes_of),
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        lr = schedule_value(learning_rate, state.count)
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, m, v, w):
+            axes = axes_of(w)
+            d = group_size(w.shape, axes)
+            g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
+            rt = transport and d > 1
+            if rt:
+                gr = gram((w_acc, m, g), _SRT_PAIRS, axes)
+                ww, wm, gg = gr.values[0], gr.values[1], gr.values[5]
+                e_w, e_m, e_g = gr.exps
+            else:
+                gr = gram((g,), ((0, 0),), axes)
+                gg, e_g = gr.values[0], gr.exps[0]
+            # v is the mean square of g over the group.
+            rms = unscaled(safe_sqrt(gg / d), e_g)
+            v = b2 * v + (1 - b2) * rms * rms
+            t = count.astype(v.dtype)
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            # delta = -s * m_new with one scalar s per group.
+            s = lr * d**0.5 / bc1 / (d**0.5 * safe_sqrt(v) / jnp.sqrt(bc2) + eps)
+            if not rt:
+                s = per_unit(s)[0] if d > 1 else s
+                m = b1 * m + (1 - b1) * g
+                return (-s * m).astype(w.dtype), m, v
+            # m is stored at the params it moved (x1). The original transports it
+            # after the step; with x1 = x2 + s m that equals, at x2 = w now,
+            # (<x2,x2> m - <m,x2> x2) / (<x2,x2> + eps). As real coefficients on
+            # the scaled arrays: m_new = c_m m~ + c_w w~ + c_g g~.
+            den = ww + unscaled(eps, -2 * e_w, v.dtype)
+            c_m = unscaled(b1, e_m, v.dtype) * safe_div(ww, den)
+            c_w = -b1 * unscaled(safe_div(wm, den), e_m)
+            c_g = unscaled(1 - b1, e_g, v.dtype)
+            # v <- v <x1,x1> / (<x2,x2> + eps) with x2 = w - s m_new.
+            q = (unscaled(1.0, e_w, v.dtype) - s * c_w, -s * c_m, -s * c_g)
+            e_q = exponent(jnp.max(jnp.abs(jnp.stack(q)), axis=0))
+            f_q = pow2(-e_q, v.dtype)
+            quad = _quadratic(gr.values, _SRT_PAIRS, [x * f_q for x in q])
+            x2 = unscaled(quad, 2 * (e_q - e_w)) + unscaled(eps, -2 * e_w, v.dtype)
+            v_new = v * safe_div(ww, x2)
+            # v passes through per_unit with the coefficients, so that every read of
+            # the Gram pass is ordered before the loops that overwrite w and m
+            # (otherwise XLA copies both donated buffers).
+            s, c_m, c_w, c_g, r_w, r_m, r_g, v = per_unit(
+                s, c_m, c_w, c_g, gr.factor(0), gr.factor(1), gr.factor(2), v_new
+            )
+            m = c_m * (m * r_m) + c_w * (w_acc * r_w) + c_g * (g * r_g)
+            return (-s * m).astype(w.dtype), m, v
+
+        results = leaf_map(
+            owner,
+            leaf,
+            updates,
+            state.mu,
+            state.nu,
+            params=params,
+            units=False,
+            channel_axes=channel_axes,
+        )
+        deltas, mu, nu = unzip(updates, results, 3)
+        return deltas, ScaleByAdamsState(
+            count=count,
+            mu=optax.tree.cast_like(mu, state.mu),
+            nu=optax.tree.cast_like(nu, state.nu),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_sgdmrt(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""SGD-MRT step: momentum SGD whose buffer is transported per group.
+
+    With :math:`x_1 = w`, :math:`x_2 = w - \eta b` and groups as in
+    :func:`scale_by_adams`:
+
+    .. math::
+
+      b \leftarrow \mu b + g, \qquad \Delta = -\eta b, \qquad
+      b \leftarrow \frac{\langle x_1, x_2\rangle_R\, b
+        - \langle b, x_2\rangle_R\, x_1}{\langle x_2, x_2\rangle_R}
+
+    The transport runs only for groups of size :math:`d > 1`; it has no epsilon
+    (as the original), and a group that lands exactly at zero keeps its buffer
+    instead of dividing by zero. Last in a chain (it takes the learning rate).
+
+    Because :math:`x_1 = x_2 + \eta b`, the transport equals projecting ``b`` on the
+    tangent space at :math:`x_2`: :math:`b - \langle b, x_2\rangle_R\, x_2 /
+    \langle x_2, x_2\rangle_R`. riemax stores ``b`` where it was computed and
+    applies that projection at the start of the next update, from the current
+    params (the same trajectory; the two output loops then update donated buffers
+    in place).
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      momentum: :math:`\mu`, in ``[0, 1]``.
+      channel_axes: Group axes as in :func:`scale_by_adams`. Static.
+      mu_dtype: Dtype of the buffer; defaults to the params dtype promoted to at
+        least float32. Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`ScaleBySgdmrtState`;
+      needs ``params``.
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = jnp.array([[1.0], [0.0]])
+      >>> tx = riemax.scale_by_sgdmrt(0.1)
+      >>> state = tx.init(w)
+      >>> delta, state = tx.update(jnp.array([[0.0], [1.0]]), state, w)
+      >>> [round(float(x), 4) for x in delta.ravel()]  # -lr * b
+      [-0.0, -0.1]
+      >>> w = w + delta  # b is carried to w = [1, -0.1] by the next update:
+      >>> delta, _ = tx.update(jnp.zeros_like(w), state, w)
+      >>> [round(float(x), 4) for x in (delta / -0.1).ravel()]  # 0.9 * b at w
+      [0.0891, 0.8911]
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    owner = "scale_by_sgdmrt"
+    check_learning_rate(owner, learning_rate)
+    check_number(owner, "momentum", momentum, low=0.0, high=1.0)
+    check_channel_axes(owner, channel_axes)
+    check_dtype(owner, "mu_dtype", mu_dtype)
+
+    def init_fn(params):
+        check_params(owner, params, units=False, channel_axes=channel_axes)
+        return ScaleBySgdmrtState(
+            count=jnp.zeros([], jnp.int32), trace=zeros_like_state(params, mu_dtype)
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        lr = schedule_value(learning_rate, state.count)
+
+        def leaf(g, b, w):
+            axes = group_axes(w.ndim, channel_axes)
+            w_acc, b = to_acc(w), to_acc(b)
+            if group_size(w.shape, axes) > 1:
+                # b is stored at the params it moved (x1). The original transports
+                # it after the step; with x1 = x2 + lr b that equals projecting it
+                # at x2 = w now. A group at exactly zero keeps its buffer.
+                gr = gram((w_acc, b), ((0, 0), (0, 1)), axes)
+                c = -unscaled(safe_div(gr.values[1], gr.values[0]), gr.exps[1])
+                c, r_w = per_unit(c, gr.factor(0))
+                b = b + c * (w_acc * r_w)
+            b = momentum * b + to_acc(g)
+            return (-lr * b).astype(w.dtype), b
+
+        results = leaf_map(
+            owner,
+            leaf,
+            updates,
+            state.trace,
+            params=params,
+            units=False,
+            channel_axes=channel_axes,
+        )
+        deltas, trace = unzip(updates, results, 2)
+        return deltas, ScaleBySgdmrtState(
+            count=optax.safe_increment(state.count),
+            trace=optax.tree.cast_like(trace, state.trace),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

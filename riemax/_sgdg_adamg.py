@@ -1,0 +1,395 @@
+r"""The SGD-G and Adam-G steps of Cho & Lee (2017), one pass over each kernel.
+
+:func:`scale_by_sgdg` is ``grassmann_project -> clip_tangent_norm ->
+scale_by_learning_rate -> transported_momentum -> exp_map_update`` and
+:func:`scale_by_adamg` is ``grassmann_project -> clip_tangent_norm ->
+spherical_adam(learning_rate=...) -> exp_map_update``, computed without
+materialising any intermediate of the chain:
+
+1. one pass over memory computes the per-unit inner products of the parameters
+   ``w``, the gradient ``g`` and the stored state ``s``, on the arrays scaled per
+   unit by powers of two (:func:`riemax._numerics.unit_gram`; exact, and finite
+   for any magnitude);
+2. every quantity of the chain (the projected gradient ``h = g~ + hw w~`` and its
+   norm, the clip factor, the carried state ``tau = s~ + tw w~``, the new step and
+   its angle, the exponential map and the new stored state) is a combination of
+   the scaled arrays whose norm follows from those inner products. Only
+   :math:`\|h\|^2 = \|g\|^2 - \langle y, g\rangle^2` can cancel, when a gradient is
+   nearly radial (kernels that are not exactly scale-invariant); a leaf with such
+   a unit sums it directly instead;
+3. two elementwise loops write the new stored state ``S`` (in place of ``s``) and
+   then the update ``F S + C y - w`` from it, which reads ``S`` and ``w`` only, so
+   that donated buffers are updated in place. The stored form of
+   :func:`riemax.sphere.carry_coefficients` makes both the step (from ``S``) and
+   the next transport (a projection of ``S``) well conditioned at every angle.
+
+The chains of the composable transforms (:mod:`riemax._grassmann`) remain the
+reference; the tests compare both with the float64 reference of the originals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from riemax import _sphere as sphere
+from riemax._grassmann import check_momentum, check_unit_eps
+from riemax._numerics import (
+    Gram,
+    exponent,
+    inner,
+    per_unit,
+    pow2,
+    safe_div,
+    safe_sqrt,
+    to_acc,
+    unit_axes,
+    unit_gram,
+    unscaled,
+)
+from riemax._unitwise import (
+    check_dtype,
+    check_learning_rate,
+    check_number,
+    check_params,
+    check_rate,
+    leaf_map,
+    need_params,
+    schedule_value,
+    unzip,
+    zeros_like_state,
+    zeros_per_unit,
+)
+
+
+class ScaleBySgdgState(NamedTuple):
+    """State of :func:`scale_by_sgdg`: step count (for schedules) and the last step
+    in carried form."""
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    trace: optax.Params
+
+
+class ScaleByAdamgState(NamedTuple):
+    """State of :func:`scale_by_adamg`: step count, first moment (carried form),
+    per-unit second moment per element."""
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    mu: optax.Params
+    nu: optax.Params
+
+
+#: (w, g, s) index pairs of the per-unit Gram quantities: ww, wg, ws, ss, gs, gg.
+_PAIRS = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
+
+#: ``||h||^2`` from Gram quantities is trusted while the tangent part keeps at
+#: least this fraction of ``||g||^2`` (at most one bit of cancellation).
+_TANGENT_FRACTION = 0.5
+
+
+class _Parts(NamedTuple):
+    """Per-unit quantities shared by both steps (scaled arrays ``w~, g~, s~``).
+
+    ``y = k w~``; ``h~ = g~ + hw w~`` with ``h_hat = sigma h~`` (projected and
+    clipped gradient; ``hat_norm`` is its true norm); ``tau~ = s~ + tw w~`` is the
+    carried state where ``keep``; ``hh, tt, th`` are ``|h~|^2, |tau~|^2,
+    <tau~, h~>``.
+    """
+
+    gram: Gram
+    live: jax.Array
+    k: jax.Array
+    hw: jax.Array
+    sigma: jax.Array
+    hat_norm: jax.Array
+    hh: jax.Array
+    tw: jax.Array
+    keep: jax.Array
+    tt: jax.Array
+    th: jax.Array
+
+
+def _parts(w, g, s, unit_eps, max_norm) -> _Parts:
+    gr = unit_gram((w, g, s), _PAIRS)
+    ww, wg, ws, ss, gs, gg = gr.values
+    e_w, e_g, e_s = gr.exps
+    n_w = safe_sqrt(ww)
+    live = n_w > 0
+    k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
+    # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
+    hw = jnp.where(live, -k * k * wg, 0.0)
+    full = gg
+    hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
+    radial = hh < _TANGENT_FRACTION * full
+
+    def direct(hh):
+        h = g * gr.factor(1) + hw * (w * gr.factor(0))
+        return jnp.where(radial, inner(h, h, unit_axes(w.ndim)), hh)
+
+    hh = jax.lax.cond(jnp.any(radial), direct, lambda hh: hh, hh)
+    n_h = safe_sqrt(hh)
+    w_scale = jnp.where(live, n_w, 1.0)
+    e_h = jnp.where(live, e_w, 0) + e_g
+    sigma = unscaled(w_scale, e_h)  # h = sigma h~
+    h_norm = unscaled(w_scale * n_h, e_h)
+    if max_norm is None:
+        hat_norm = h_norm
+    else:
+        clipped = h_norm > max_norm
+        sigma = jnp.where(clipped, safe_div(max_norm, n_h), sigma)
+        hat_norm = jnp.where(clipped, max_norm, h_norm)
+    # The stored state carried to y: its projection, kept where it was carried.
+    tw = -k * k * ws
+    tt = jnp.maximum(ss + tw * (2 * ws + tw * ww), 0)
+    keep = live & sphere.carry_kept(safe_sqrt(tt), safe_sqrt(ss))
+    th = gs + hw * ws + tw * wg + tw * hw * ww
+    del e_s
+    return _Parts(gr, live, k, hw, sigma, hat_norm, hh, tw, keep, tt, th)
+
+
+def _combine(p: _Parts, c_tau, c_h):
+    """``x = c_tau tau~ + c_h h~ = 2**e x_hat``: returns ``(e, p_tau, p_h, |x_hat|)``
+    with ``x_hat = p_tau tau~ + p_h h~`` and ``|p_tau|, |p_h| <= 1``."""
+    e = exponent(jnp.maximum(jnp.abs(c_tau), jnp.abs(c_h)))
+    f = pow2(-e, c_h.dtype)
+    p_tau, p_h = c_tau * f, c_h * f
+    n2 = p_tau * p_tau * p.tt + 2 * p_tau * p_h * p.th + p_h * p_h * p.hh
+    return e, p_tau, p_h, safe_sqrt(jnp.maximum(n2, 0))
+
+
+def _write(p: _Parts, w, g, s, stored, update):
+    """The two elementwise loops.
+
+    ``stored = (a_tau, a_h, a_y)``: the new state is ``a_tau tau~ + a_h h~ + a_y y``
+    in real units. ``update = (f, e, c)``: the update is ``f (S 2**-e) + c y - w``
+    on live units and ``f S`` on zero units, which store the Euclidean quantity
+    ``a_h h~`` (radial at the new point: the next step drops it).
+    """
+    a_tau, a_h, a_y = stored
+    f, e, c = update
+    gr = p.gram
+    # In the scaled arrays: tau~ = s~ + tw w~, h~ = g~ + hw w~, y = k w~.
+    a_s = jnp.where(p.live, a_tau, 0.0)
+    a_w = jnp.where(p.live, a_tau * p.tw + a_h * p.hw + a_y * p.k, 0.0)
+    r_new = jnp.where(p.live, pow2(-e, f.dtype), 1.0)
+    c = jnp.where(p.live, c * p.k, 0.0)
+    r_w, r_g, r_s = gr.factor(0), gr.factor(1), gr.factor(2)
+    a_s, a_g, a_w, r_w, r_g, r_s, f, r_new, c = per_unit(
+        a_s, a_h, a_w, r_w, r_g, r_s, f, r_new, c
+    )
+    new = a_s * (s * r_s) + a_g * (g * r_g) + a_w * (w * r_w)
+    return f * (new * r_new) + c * (w * r_w) - w, new
+
+
+def scale_by_sgdg(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    grad_clip: float | None = 0.1,
+    *,
+    unit_eps: float = 1e-8,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""The SGD-G step (projection, clipping, momentum, exp map) in one pass.
+
+    Equal to ``optax.chain(grassmann_project(unit_eps), clip_tangent_norm(grad_clip),
+    optax.scale_by_learning_rate(learning_rate), transported_momentum(momentum,
+    unit_eps=unit_eps), exp_map_update(unit_eps))`` up to rounding, with one
+    reduction pass and two elementwise passes per leaf:
+
+    .. math::
+
+      \begin{align*}
+        \hat h &= \mathrm{clip}_\nu\bigl(\|w\|\,(g - \langle y, g\rangle y)\bigr),
+          \quad y = w / (\|w\| + \epsilon_u) \\
+        d &= \gamma\, \Gamma(d_\mathrm{prev}) - \eta\, \hat h, \qquad
+        \text{update} = \mathrm{Exp}_y(d) - w
+      \end{align*}
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      momentum: :math:`\gamma`, in ``[0, 1]``.
+      grad_clip: :math:`\nu`; ``None`` disables clipping. Static.
+      unit_eps: :math:`\epsilon_u`.
+      mu_dtype: Dtype of the stored step; defaults to the params dtype promoted
+        to at least float32. Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`ScaleBySgdgState`; last
+      in a chain; needs ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, riemax
+      >>> w = riemax.unit_init()(jax.random.key(0), (16, 4))
+      >>> tx = riemax.scale_by_sgdg(0.2)
+      >>> updates, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+      >>> jnp.linalg.norm(optax.apply_updates(w, updates), axis=0).round(5)
+      Array([1., 1., 1., 1.], dtype=float32)
+
+    References:
+      Cho and Lee, `Riemannian approach to batch normalization
+      <https://arxiv.org/abs/1709.09603>`_, 2017
+    """
+    owner = "scale_by_sgdg"
+    check_learning_rate(owner, learning_rate)
+    check_momentum(owner, momentum)
+    check_number(owner, "grad_clip", grad_clip, allow_none=True)
+    check_unit_eps(owner, unit_eps)
+    check_dtype(owner, "mu_dtype", mu_dtype)
+
+    def init_fn(params):
+        check_params(owner, params, units=True)
+        return ScaleBySgdgState(
+            count=jnp.zeros([], jnp.int32), trace=zeros_like_state(params, mu_dtype)
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        lr = schedule_value(learning_rate, state.count)
+
+        def leaf(g, s, w):
+            g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
+            p = _parts(w_acc, g, s, unit_eps, grad_clip)
+            c_tau = jnp.where(p.keep, unscaled(momentum, p.gram.exps[2], g.dtype), 0.0)
+            c_h = -lr * p.sigma
+            # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
+            e, _, _, n = _combine(p, c_tau, c_h)
+            cos, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
+            a, b = sphere.carry_coefficients(theta)
+            # Stored: rho (a d + b theta y). Update: (sinc(theta) / a) S
+            # + (cos(theta) - rho b sin(theta) / a) y - w, with sinc(theta) S =
+            # (sin(theta) / n) (S 2**-e).
+            stored = (rho * a * c_tau, rho * a * c_h, rho * b * theta)
+            update = (sin_n / a, e, cos - rho * b * jnp.sin(theta) / a)
+            # Zero units: the Euclidean step d = c_h g~, stored as it is.
+            stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
+            update = (jnp.where(p.live, update[0], 1.0), update[1], update[2])
+            delta, new = _write(p, w_acc, g, s, stored, update)
+            return delta.astype(w.dtype), new
+
+        results = leaf_map(owner, leaf, updates, state.trace, params=params)
+        deltas, trace = unzip(updates, results, 2)
+        return deltas, ScaleBySgdgState(
+            count=optax.safe_increment(state.count),
+            trace=optax.tree.cast_like(trace, state.trace),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adamg(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    grad_clip: float | None = 0.1,
+    *,
+    unit_eps: float = 1e-8,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""The Adam-G step (projection, clipping, moments, exp map) in one pass.
+
+    Equal to ``optax.chain(grassmann_project(unit_eps), clip_tangent_norm(grad_clip),
+    spherical_adam(b1, b2, eps, learning_rate=learning_rate, unit_eps=unit_eps),
+    exp_map_update(unit_eps))`` up to rounding, with one reduction pass and two
+    elementwise passes per leaf (``n`` is the unit size; ``v`` is stored per
+    element):
+
+    .. math::
+
+      \begin{align*}
+        m &\leftarrow \beta_1 \Gamma(m) + (1-\beta_1)\hat h, \qquad
+        v_j \leftarrow \beta_2 v_j + (1-\beta_2)\|\hat h_j\|^2 / n \\
+        \delta_j &= -\eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+          \frac{m_j}{\sqrt{n v_j+\epsilon}}, \qquad
+        \text{update} = \mathrm{Exp}_y(\delta) - w
+      \end{align*}
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b1: First-moment decay, in ``[0, 1)``.
+      b2: Per-unit second-moment decay, in ``[0, 1)``.
+      eps: Inside the square root of the uncorrected second moment.
+      grad_clip: :math:`\nu`; ``None`` disables clipping. Static.
+      unit_eps: :math:`\epsilon_u`.
+      mu_dtype: Dtype of ``m``; defaults to the params dtype promoted to at least
+        float32. Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`ScaleByAdamgState`;
+      last in a chain; needs ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, riemax
+      >>> w = riemax.unit_init()(jax.random.key(0), (16, 4))
+      >>> tx = riemax.scale_by_adamg(0.05)
+      >>> updates, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+      >>> state.nu.shape
+      (1, 4)
+      >>> jnp.linalg.norm(optax.apply_updates(w, updates), axis=0).round(5)
+      Array([1., 1., 1., 1.], dtype=float32)
+
+    References:
+      Cho and Lee, `Riemannian approach to batch normalization
+      <https://arxiv.org/abs/1709.09603>`_, 2017
+    """
+    owner = "scale_by_adamg"
+    check_learning_rate(owner, learning_rate)
+    check_rate(owner, "b1", b1)
+    check_rate(owner, "b2", b2)
+    check_number(owner, "eps", eps)
+    check_number(owner, "grad_clip", grad_clip, allow_none=True)
+    check_unit_eps(owner, unit_eps)
+    check_dtype(owner, "mu_dtype", mu_dtype)
+
+    def init_fn(params):
+        check_params(owner, params, units=True)
+        return ScaleByAdamgState(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros_like_state(params, mu_dtype),
+            nu=zeros_per_unit(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        lr = schedule_value(learning_rate, state.count)
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, s, v, w):
+            g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
+            size = w.size // w.shape[-1]
+            p = _parts(w_acc, g, s, unit_eps, grad_clip)
+            rms = p.hat_norm / jnp.sqrt(jnp.asarray(size, v.dtype))
+            v = b2 * v + (1 - b2) * rms * rms
+            scale = -lr * sphere.adamg_scale(v, size, count, b1, b2, eps)
+            c_tau = jnp.where(p.keep, unscaled(b1, p.gram.exps[2], g.dtype), 0.0)
+            c_h = (1 - b1) * p.sigma
+            # m_new = b1 tau + (1 - b1) h_hat = 2**e m_hat, |m_hat| = n
+            e, _, _, n = _combine(p, c_tau, c_h)
+            cos, sin_n, theta, rho = sphere.exp_coefficients(
+                jnp.abs(scale) * n, e, unit_eps
+            )
+            a, b = sphere.carry_coefficients(theta)
+            norm_m = jnp.minimum(unscaled(n, e), jnp.finfo(n.dtype).max)
+            alpha = jnp.where(scale < 0, -1.0, 1.0) * norm_m  # delta = scale m_new
+            # Stored: a m + b alpha y. Update: (rho D scale / a) (S 2**-e)
+            # + (cos(theta) - rho b sin(theta) / a) y - w, D = sin(theta) / |delta_hat|.
+            stored = (a * c_tau, a * c_h, b * alpha)
+            update = (rho * sin_n * scale / a, e, cos - rho * b * jnp.sin(theta) / a)
+            stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
+            # Zero units: the Euclidean step scale * m_new with S = m_new.
+            update = (jnp.where(p.live, update[0], scale), update[1], update[2])
+            delta, new = _write(p, w_acc, g, s, stored, update)
+            return delta.astype(w.dtype), new, v
+
+        results = leaf_map(owner, leaf, updates, state.mu, state.nu, params=params)
+        deltas, mu, nu = unzip(updates, results, 3)
+        return deltas, ScaleByAdamgState(
+            count=count,
+            mu=optax.tree.cast_like(mu, state.mu),
+            nu=optax.tree.cast_like(nu, state.nu),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
