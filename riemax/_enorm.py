@@ -11,7 +11,6 @@ applied right after :func:`optax.apply_updates`.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from riemax._numerics import acc_dtype, per_unit, safe_div, safe_sqrt, to_acc
+from riemax._nnx import module_paths, wrapped_calls
+from riemax._numerics import acc_dtype, per_unit, pnorm, safe_div
 from riemax._tree import path_str
 
 __all__ = ["apply_enorm", "enorm_cycle", "kernel_chain"]
@@ -37,26 +37,14 @@ _Buffers = list[jax.Array | None]
 # ---------------------------------------------------------------------------------
 
 
-def _pnorm(w: jax.Array, axes: tuple[int, ...], p: float) -> jax.Array:
-    """p-norm over ``axes`` in >= float32; zero (with zero gradient) at zero."""
-    w = to_acc(w)
-    if math.isinf(p):
-        return jnp.max(jnp.abs(w), axis=axes)
-    if p == 2:
-        return safe_sqrt(jnp.sum(w * w, axis=axes))
-    total = jnp.sum(jnp.abs(w) ** p, axis=axes)
-    positive = total > 0
-    return jnp.where(positive, jnp.where(positive, total, 1) ** (1.0 / p), 0)
-
-
 def _in_norm(w: jax.Array, p: float) -> jax.Array:
     """Incoming norm of each unit produced by ``w``: over all axes but the last."""
-    return _pnorm(w, tuple(range(w.ndim - 1)), p)
+    return pnorm(w, tuple(range(w.ndim - 1)), p)
 
 
 def _out_norm(w: jax.Array, p: float) -> jax.Array:
     """Outgoing norm of each input unit read by ``w``: over all axes but axis -2."""
-    return _pnorm(w, tuple(range(w.ndim - 2)) + (w.ndim - 1,), p)
+    return pnorm(w, tuple(range(w.ndim - 2)) + (w.ndim - 1,), p)
 
 
 def _balancer(a: jax.Array, b: jax.Array, c: ArrayLike) -> jax.Array:
@@ -165,10 +153,11 @@ def _rescale_inverse(buffers: Sequence[jax.Array | None], scales: _Scales) -> _B
     """Momentum rule: ``B_{i-1}[..., j] *= 1/s_j`` and ``B_i[..., j, :] *= s_j``."""
     out = list(buffers)
     for i, (s, r) in enumerate(scales, start=1):
-        if out[i - 1] is not None:
-            out[i - 1] = _scale_last(out[i - 1], r)
-        if out[i] is not None:
-            out[i] = _scale_rows(out[i], s)
+        before, at = out[i - 1], out[i]
+        if before is not None:
+            out[i - 1] = _scale_last(before, r)
+        if at is not None:
+            out[i] = _scale_rows(at, s)
     return out
 
 
@@ -178,8 +167,9 @@ def _rescale_biases(
     """``b_{i-1}[j] *= s_j`` (or ``1/s_j`` for a bias's momentum when ``inverse``)."""
     out = list(biases)
     for i, (s, r) in enumerate(scales, start=1):
-        if out[i - 1] is not None:
-            out[i - 1] = _scale_last(out[i - 1], r if inverse else s)
+        before = out[i - 1]
+        if before is not None:
+            out[i - 1] = _scale_last(before, r if inverse else s)
     return out
 
 
@@ -561,42 +551,30 @@ def kernel_chain(model: Any, sample_input: Any = None) -> list[str]:
 
     kinds = (nnx.Linear, nnx.Conv)
 
-    def module_paths(root: Any) -> dict[int, str]:
-        found: dict[int, str] = {}
-        for path, node in nnx.iter_graph(root):
-            if isinstance(node, kinds) and id(node) not in found:
-                found[id(node)] = "/".join(str(k) for k in path)
-        return found
+    def kernel_paths(root: Any) -> dict[int, str]:
+        return {i: f"{q}/kernel" for i, q in module_paths(root, kinds).items()}
 
     if sample_input is None:
-        return [f"{q}/kernel" for q in module_paths(model).values()]
+        return list(kernel_paths(model).values())
 
     graphdef, state = nnx.split(model)
     order: list[str] = []
 
     def forward(state: Any, x: Any) -> None:
         copy = nnx.merge(graphdef, state)
-        where = module_paths(copy)
-        originals = {cls: cls.__call__ for cls in kinds}
+        where = kernel_paths(copy)
 
-        def recording(cls: type) -> Callable[..., Any]:
-            original = originals[cls]
-
+        def recording(original: Callable[..., Any]) -> Callable[..., Any]:
             def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-                q = where.get(id(self))
-                if q is not None and f"{q}/kernel" not in order:
-                    order.append(f"{q}/kernel")
+                path = where.get(id(self))
+                if path is not None and path not in order:
+                    order.append(path)
                 return original(self, *args, **kwargs)
 
             return call
 
-        try:
-            for cls in kinds:
-                cls.__call__ = recording(cls)
+        with wrapped_calls({cls: recording for cls in kinds}):
             copy(x)
-        finally:
-            for cls, original in originals.items():
-                cls.__call__ = original
 
     jax.eval_shape(forward, state, sample_input)
     return order
