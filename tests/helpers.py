@@ -1,13 +1,19 @@
-"""Shared test helpers: float64 scope, toy problems and driving loops."""
+"""Shared test helpers: the registry of optimizers under test, float64 scope, toy
+problems and driving loops."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import riemax
 
 SHAPES = {"conv": (3, 3, 4, 8), "dense": (16, 6)}
 
@@ -102,3 +108,82 @@ def max_abs_diff(a, b):
 def unit_norms(w):
     w = np.asarray(w, np.float64)
     return np.sqrt(np.sum(w * w, axis=tuple(range(w.ndim - 1))))
+
+
+# ----------------------------------------------------------------- the registry
+
+
+def sgdg_chain(learning_rate, momentum=0.9, grad_clip=0.1, omega=0.1, unit_eps=1e-8):
+    """SGD-G as the explicit chain of the composable transforms."""
+    return optax.chain(
+        riemax.ortho_penalty(omega, unit_eps=unit_eps),
+        riemax.grassmann_project(unit_eps),
+        riemax.clip_tangent_norm(grad_clip),
+        optax.scale_by_learning_rate(learning_rate),
+        riemax.transported_momentum(momentum, unit_eps=unit_eps),
+        riemax.exp_map_update(unit_eps),
+    )
+
+
+def adamg_chain(
+    learning_rate, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1, unit_eps=1e-8
+):
+    """Adam-G as the explicit chain of the composable transforms."""
+    return optax.chain(
+        riemax.ortho_penalty(omega, unit_eps=unit_eps),
+        riemax.grassmann_project(unit_eps),
+        riemax.clip_tangent_norm(grad_clip),
+        riemax.spherical_adam(
+            b1, b2, eps, learning_rate=learning_rate, unit_eps=unit_eps
+        ),
+        riemax.exp_map_update(unit_eps),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """One optimizer under test.
+
+    ``factory(learning_rate, **kwargs)`` builds it (also under
+    ``optax.inject_hyperparams``); ``units_only`` optimizers accept kernels only
+    (rank >= 2) and keep every unit on the sphere; ``chain`` builds the same
+    optimizer from the composable transforms (``chain(learning_rate, **kwargs)``).
+    """
+
+    name: str
+    factory: Callable[..., optax.GradientTransformation]
+    lr: float
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    units_only: bool = False
+    chain: Callable[..., optax.GradientTransformation] | None = None
+
+    def make(self, lr=None, **overrides):
+        lr = self.lr if lr is None else lr
+        return self.factory(lr, **{**self.kwargs, **overrides})
+
+    def make_chain(self, lr=None, **overrides):
+        lr = self.lr if lr is None else lr
+        return self.chain(lr, **{**self.kwargs, **overrides})
+
+    def injected(self, lr=None, chain=False, **overrides):
+        """Under ``optax.inject_hyperparams`` (the chain form with ``chain``)."""
+        lr = self.lr if lr is None else lr
+        factory = self.chain if chain else self.factory
+        kwargs = {**self.kwargs, **overrides}
+        return optax.inject_hyperparams(factory)(learning_rate=lr, **kwargs)
+
+
+#: Every named optimizer, with the learning rate of its paper's CIFAR runs.
+OPTIMIZERS = {
+    o.name: o
+    for o in [
+        Optimizer("sgdg", riemax.sgdg, 0.2, units_only=True, chain=sgdg_chain),
+        Optimizer("adamg", riemax.adamg, 0.05, units_only=True, chain=adamg_chain),
+        Optimizer("adams", riemax.adams, 1e-2, {"weight_decay": 1e-4}),
+        Optimizer("adamsrt", riemax.adamsrt, 1e-2, {"weight_decay": 1e-4}),
+        Optimizer("sgdmrt", riemax.sgdmrt, 0.1, {"weight_decay": 1e-4}),
+    ]
+}
+
+#: The optimizers that keep every unit on the sphere.
+SPHERE_OPTIMIZERS = {k: o for k, o in OPTIMIZERS.items() if o.units_only}

@@ -14,7 +14,6 @@ import os
 import sys
 
 import pytest
-from helpers import fast_compile
 
 # benchmarks/ and experiments/ are not installed packages: make the repository root
 # importable under plain ``pytest`` too.
@@ -25,10 +24,7 @@ if _ROOT not in sys.path:
 SCRIPTS = ("optimizer_step", "train_step", "compile_memory", "scaling")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    with fast_compile():
-        yield
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import unit_norms
+from helpers import OPTIMIZERS, unit_norms
 
 import riemax
 
@@ -27,13 +27,7 @@ def grads(seed, shape=KERNEL, scale=1.0):
     return scale * jax.random.normal(jax.random.key(100 + seed), shape)
 
 
-NAMED = {
-    "sgdg": lambda lr=0.2: riemax.sgdg(lr),
-    "adamg": lambda lr=0.05: riemax.adamg(lr),
-    "adams": lambda lr=1e-2: riemax.adams(lr, weight_decay=1e-4),
-    "adamsrt": lambda lr=1e-2: riemax.adamsrt(lr, weight_decay=1e-4),
-    "sgdmrt": lambda lr=0.1: riemax.sgdmrt(lr, weight_decay=1e-4),
-}
+NAMED = {name: o.make for name, o in OPTIMIZERS.items()}
 
 
 def run(tx, w, steps, jit=True, start=0):
@@ -64,10 +58,7 @@ def test_jit_does_not_recompile(name):
 
 @pytest.mark.parametrize("name", list(NAMED))
 def test_inject_hyperparams_matches_and_controls_the_learning_rate(name):
-    make = getattr(riemax, name)
-    lr = {"sgdg": 0.2, "adamg": 0.05}.get(name, 1e-2)
-    plain = make(lr)
-    injected = optax.inject_hyperparams(make)(learning_rate=lr)
+    plain, injected = OPTIMIZERS[name].make(), OPTIMIZERS[name].injected()
     w = kernel()
     a, _ = run(plain, w, 3)
     b, state = run(injected, w, 3)

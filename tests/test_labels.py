@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import fast_compile
 
 import riemax
 from riemax._labels import check_labels
@@ -20,10 +19,7 @@ from riemax._labels import check_labels
 M, E = riemax.MANIFOLD, riemax.EUCLIDEAN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    with fast_compile():
-        yield
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def flat(tree):
@@ -417,6 +413,40 @@ def test_invariance_low_precision_and_bad_alphas():
     assert why["w"]["tolerance"] == pytest.approx(1e-3)  # measured in float32
     with pytest.raises(ValueError, match="alphas"):
         riemax.labels_by_invariance(loss_fn, params, x, alphas=(0.5, -1.0))
+
+
+def test_near_invariant_batchnorm_is_not_reported_as_layernorm():
+    """Dense -> BatchNorm with pre-BN variances ~3e-3: BN's epsilon (1e-5) breaks
+    the invariance at the ~1e-2 level, per unit and as a whole alike; LayerNorm is
+    invariant as a whole and not per unit. The reasons tell the two apart."""
+
+    def bn_loss(params, x):
+        y = x @ params["w"]
+        y = (y - y.mean(0)) / jnp.sqrt(y.var(0) + 1e-5)
+        return jnp.mean((jnp.tanh(y) - 0.3) ** 2)
+
+    def ln_loss(params, x):
+        y = x @ params["w"]
+        y = (y - y.mean(1, keepdims=True)) / jnp.sqrt(y.var(1, keepdims=True) + 1e-5)
+        return jnp.mean((jnp.tanh(y) - 0.3) ** 2)
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    w = jax.random.normal(k1, (6, 5))
+    x = jax.random.normal(k2, (64, 6))
+    scale = float(jnp.sqrt(3e-3 / (x @ w).var(0).mean()))  # pre-BN variance ~3e-3
+    _, near = riemax.labels_by_invariance(
+        bn_loss, {"w": w * scale}, x, return_details=True
+    )
+    near = near["w"]
+    assert near["max_cosine"] > near["tolerance"]  # invariance visibly broken
+    assert "nearly invariant per unit" in near["reason"], near
+    assert "whole tensor" not in near["reason"]
+    labels, ok = riemax.labels_by_invariance(
+        bn_loss, {"w": w * scale}, x, rtol=30 * near["tolerance"], return_details=True
+    )
+    assert labels == {"w": M}  # a larger rtol accepts it, as the reason says
+    _, ln = riemax.labels_by_invariance(ln_loss, {"w": w}, x, return_details=True)
+    assert "whole tensor, not per unit" in ln["w"]["reason"]
 
 
 # ---------------------------------------------------------------------------

@@ -15,40 +15,18 @@ import reference as ref
 from helpers import (
     SHAPES,
     GradientField,
+    adamg_chain,
     init_params,
     max_abs_diff,
     run_reference,
     run_riemax,
+    sgdg_chain,
     x64,
 )
 
 import riemax
 
 STEPS = 20
-
-
-def sgdg_chain(lr, momentum=0.9, grad_clip=0.1, omega=0.1, unit_eps=1e-8):
-    """SGD-G as the explicit chain of the composable transforms."""
-    return optax.chain(
-        riemax.ortho_penalty(omega, unit_eps=unit_eps),
-        riemax.grassmann_project(unit_eps),
-        riemax.clip_tangent_norm(grad_clip),
-        optax.scale_by_learning_rate(lr),
-        riemax.transported_momentum(momentum, unit_eps=unit_eps),
-        riemax.exp_map_update(unit_eps),
-    )
-
-
-def adamg_chain(lr, b1=0.9, b2=0.99, eps=1e-8, grad_clip=0.1, omega=0.1, unit_eps=1e-8):
-    """Adam-G as the explicit chain of the composable transforms."""
-    return optax.chain(
-        riemax.ortho_penalty(omega, unit_eps=unit_eps),
-        riemax.grassmann_project(unit_eps),
-        riemax.clip_tangent_norm(grad_clip),
-        riemax.spherical_adam(b1, b2, eps, unit_eps=unit_eps),
-        optax.scale_by_learning_rate(lr),
-        riemax.exp_map_update(unit_eps),
-    )
 
 
 def sphere_cases():
