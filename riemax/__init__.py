@@ -6,6 +6,7 @@ units on the unit sphere with composable :class:`optax.GradientTransformation`\\
 """
 
 from riemax import _sphere as sphere
+from riemax import diagnostics
 from riemax._alias import adamg, adams, adamsrt, hybrid, sgdg, sgdmrt
 from riemax._enorm import apply_enorm, enorm_cycle, kernel_chain
 from riemax._fused import AdamgUpdateState, SgdgUpdateState, adamg_update, sgdg_update
@@ -52,6 +53,7 @@ __all__ = [
     "adamsrt",
     "apply_enorm",
     "clip_tangent_norm",
+    "diagnostics",
     "enorm_cycle",
     "exp_map_update",
     "grassmann_project",
