@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -371,14 +372,14 @@ def _train(cfg: dict, args) -> dict:
                 cfg | {"seed": seed0 + k}, sub, overwrite=args.overwrite
             )
         )
-    errors = [r["test_error"] for r in results if "test_error" in r]
-    import statistics
-
-    return {
-        "runs": results,
-        "test_error_mean": statistics.fmean(errors) if errors else None,
-        "test_error_std": statistics.pstdev(errors) if len(errors) > 1 else 0.0,
-    }
+    summary: dict = {"runs": results}
+    for key in ("test_error", "best_test_error"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            summary[f"{key}_median"] = statistics.median(values)
+            summary[f"{key}_mean"] = statistics.fmean(values)
+            summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
 
 
 def main(

@@ -259,11 +259,11 @@ class Trainer:
         name, classes = cfg["model"], cfg["num_classes"]
         synced = dev.mode == "pmap" and not cfg["bn_per_device"]
 
-        def build(**extra):
+        def build(seed=0, **extra):
             return models.build_model(
                 name,
                 classes,
-                rngs=nnx.Rngs(cfg["seed"]),
+                rngs=nnx.Rngs(seed),
                 input_shape=shape,
                 **(kw | extra),
             )
@@ -329,7 +329,6 @@ class Trainer:
             )
 
         self.schedule = schedule
-        self._init = None
         self.hyper = {k: cfg[k] for k in self.entry.config_keys}
         if self.labels is not None:
             self._finish()
@@ -359,37 +358,43 @@ class Trainer:
         self.lr_fns = {"lr": self.schedule(self.hyper["lr"])}
         if self.hyper.get("lr_manifold") is not None:
             self.lr_fns["lr_manifold"] = self.schedule(self.hyper["lr_manifold"])
+        self._init = self._make_init()
         self._compile()
 
     # ---- state
 
+    def _make_init(self):
+        cfg, labels, tx = self.cfg, self.labels, self.tx
+
+        def init(seed):
+            model = self.build(jax.random.key(seed))
+            _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+            params = nnx.to_pure_dict(params)
+            if cfg["unit_init"]:
+                params = jax.tree.map(
+                    lambda w, lab: (
+                        riemax.sphere.unit(w) if lab == riemax.MANIFOLD else w
+                    ),
+                    params,
+                    labels,
+                )
+            return {
+                "step": jnp.zeros([], jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(seed)),
+                "params": params,
+                "batch_stats": nnx.to_pure_dict(stats),
+                "opt_state": tx.init(params),
+            }
+
+        return jax.jit(init)
+
     def init_host_state(self) -> dict[str, Any]:
-        """The initial train state as host numpy arrays (one jitted init, compiled
-        once per trainer)."""
-        if self._init is None:
-            cfg, labels = self.cfg, self.labels
-
-            def init():
-                model = self.build()
-                _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-                params = nnx.to_pure_dict(params)
-                if cfg["unit_init"]:
-                    params = jax.tree.map(
-                        lambda w, lab: (
-                            riemax.sphere.unit(w) if lab == riemax.MANIFOLD else w
-                        ),
-                        params,
-                        labels,
-                    )
-                return {
-                    "step": jnp.zeros([], jnp.int32),
-                    "params": params,
-                    "batch_stats": nnx.to_pure_dict(stats),
-                    "opt_state": self.tx.init(params),
-                }
-
-            self._init = jax.jit(init)
-        return jax.device_get(self._init())
+        """The initial train state as host numpy arrays (the jitted init takes the
+        seed as an argument: one compilation per trainer). ``rng`` is the key data
+        of the run's base key, from which every step's augmentation and dropout
+        keys are folded."""
+        seed = jnp.asarray(self.cfg["seed"], jnp.int32)
+        return jax.device_get(self._init(seed))
 
     def rest_state(self):
         """The non-parameter, non-statistics state (dropout RNG streams), built
@@ -432,14 +437,13 @@ class Trainer:
         global_batch = cfg["batch_size"]
         local_batch = global_batch // dev.n_global
         process_offset = dev.proc * (global_batch // dev.n_proc)
-        base_key = jax.random.key(cfg["seed"])
         train_graphdef, graphdef = self.train_graphdef, self.graphdef
         lr_fns = self.lr_fns
         enorm_paths, c = self.enorm_paths, cfg["enorm"]
 
         def train_step(state, x, y):
             step = state["step"]
-            key = jax.random.fold_in(base_key, step)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
             k_aug, k_drop = jax.random.split(key)
             if pmap:
                 index = jax.lax.axis_index(AXIS)
@@ -482,6 +486,7 @@ class Trainer:
             metrics |= measurements(state["params"], params, labels)
             new_state = {
                 "step": step + 1,
+                "rng": state["rng"],
                 "params": params,
                 "batch_stats": new_stats,
                 "opt_state": opt_state,
@@ -592,6 +597,7 @@ _NOT_COMPILED = frozenset(
         "val_size",
         "train_size",
         "split_seed",
+        "seed",
         "test_size",
         "num_train",
         "num_val",
@@ -947,13 +953,19 @@ def train_and_evaluate(
         idx = order(step)[dev.rows(cfg["batch_size"])]
         return dev.put_batch(dataset.x_train[idx], dataset.y_train[idx])
 
+    evaluated: dict[int, dict[str, dict[str, float]]] = {}
+
     def evaluate_now(step):
+        if step in evaluated:
+            return evaluated[step]
         params, stats = state["params"], state["batch_stats"]
         if cfg["bn_recalibrate"]:
             stats = trainer.recalibrated_stats(params, stats, dataset.x_train, step)
         out = {"test": trainer.evaluate(params, stats, dataset.x_test, dataset.y_test)}
         if dataset.y_val is not None:
             out["val"] = trainer.evaluate(params, stats, dataset.x_val, dataset.y_val)
+        evaluated.clear()
+        evaluated[step] = out
         return out
 
     def save(step):
@@ -1075,7 +1087,6 @@ def train_and_evaluate(
         mngr.close()
         if best_mngr is not None:
             best_mngr.wait_until_finished()
-        writer.close()
 
     result: dict[str, Any] = {
         "step": step,
@@ -1083,6 +1094,7 @@ def train_and_evaluate(
         "halted": halted,
     }
     if halted:
+        writer.close()
         return result
     test = evaluate_now(step)
     result |= {
@@ -1123,6 +1135,7 @@ def train_and_evaluate(
             )
     if best_mngr is not None:
         best_mngr.close()
+    writer.close()
     _write_json(os.path.join(workdir, "result.json"), result)
     status(
         f"done: step {step}, test error {result['test_error']:.4f}"
@@ -1141,11 +1154,12 @@ def _invariance_labels(trainer: Trainer, dataset: data_lib.Dataset) -> None:
     graphdef = trainer.graphdef
 
     @jax.jit
-    def init():
-        _, params, stats, _ = nnx.split(trainer.build(), nnx.Param, nnx.BatchStat, ...)
+    def init(seed):
+        model = trainer.build(jax.random.key(seed))
+        _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
-    params, stats = init()
+    params, stats = init(jnp.asarray(cfg["seed"], jnp.int32))
     idx = data_lib.BatchOrder(len(dataset.y_train), cfg["batch_size"], cfg["seed"])(0)
     x = trainer.preprocess(jnp.asarray(dataset.x_train[idx]), None, False)
     y = jnp.asarray(dataset.y_train[idx])

@@ -8,6 +8,7 @@ dominates these runs); subprocesses get the same through the environment.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -690,3 +691,42 @@ def test_each_process_feeds_its_rows_of_every_batch():
         ConfigError, match=r"does not divide over 2 devices \(2 process"
     ):
         dev.check_divides(15, "batch_size")
+
+
+def test_n_iter_runs_consecutive_seeds_and_summarises(tmp_path):
+    out = digits.main(
+        [
+            "--workdir",
+            str(tmp_path),
+            *TINY_FLAGS,
+            "--steps=4",
+            "--eval_every=4",
+            "--checkpoint_every=4",
+            "--n-iter",
+            "2",
+            "--seed=3",
+            "--progress=false",
+        ]
+    )
+    assert [r["step"] for r in out["runs"]] == [4, 4]
+    assert sorted(os.listdir(tmp_path)) == ["seed_3", "seed_4"]
+    errors = [r["test_error"] for r in out["runs"]]
+    assert out["test_error_median"] == pytest.approx(np.median(errors))
+    seeds = {
+        json.loads((tmp_path / d / "config.json").read_text())["seed"]
+        for d in ("seed_3", "seed_4")
+    }
+    assert seeds == {3, 4}
+
+
+def test_prepare_needs_tensorflow_and_a_tfds_dataset(capsys):
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: preparing would download")
+    for dataset, message in (
+        ("cifar10", "pip install -e '.[prepare]'"),
+        ("digits", "needs no preparation"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            cifar.main(["--task=prepare", f"--dataset={dataset}"])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
