@@ -455,7 +455,8 @@ def _run(args, cfg: dict, preset: str | None):
             raise config_lib.ConfigError(
                 "--task=test needs --load=WORKDIR_OR_CHECKPOINT"
             )
-        return train.evaluate_checkpoint(args.load)
+        machine = {k: v for k, v in cfg.items() if k in config_lib.RESUMABLE_KEYS}
+        return train.evaluate_checkpoint(args.load, machine)
     if preset:
         say(f"preset {preset}: {presets.describe(preset)}")
     from experiments import train  # noqa: F401 - imports jax (seconds)

@@ -1206,8 +1206,11 @@ def evaluate_checkpoint(load: str, overrides: dict[str, Any] | None = None) -> d
     workdir, step = find_run(load)
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
-    keys = set(config_lib.KEYS)
+    # The saved config, minus what belongs to the machine it ran on (devices,
+    # data dir, evaluation batch): those come from this call.
+    keys = set(config_lib.KEYS) - config_lib.RESUMABLE_KEYS | {"data_dir"}
     cfg_in = {k: v for k, v in saved.items() if k in keys} | (overrides or {})
+    cfg_in["progress"] = False
     cfg, dataset, trainer = prepare_run(cfg_in)
     if trainer.labels is None:
         _invariance_labels(trainer, dataset)
