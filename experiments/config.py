@@ -405,7 +405,7 @@ def derive(cfg: dict[str, Any], *, n_train: int, image_shape) -> dict[str, Any]:
         cfg["eval_every"] = spe
     h, w, c = image_shape
     crop = cfg["crop"]
-    if crop is not None and crop > min(h, w) + 2 * cfg["pad"] * cfg["augment"]:
+    if crop is not None and crop > min(h, w):
         raise ConfigError(f"crop {crop} is larger than the images ({h}x{w})")
     if cfg["normalization"] == "fixed" and len(cfg["norm_mean"]) not in (1, c):
         raise ConfigError(

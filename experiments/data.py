@@ -399,13 +399,14 @@ def augment(
     *,
     pad: int,
     pad_mode: str,
-    crop: int,
+    crop: int | tuple[int, int],
     flip: bool,
     offset: Any = 0,
     global_batch: int | None = None,
 ):
-    """Random ``crop x crop`` window of the ``pad``-padded images and a random
-    horizontal flip (p = 1/2), on float images ``x`` of shape (B, H, W, C).
+    """Random ``crop`` window (``(height, width)`` or a side) of the ``pad``-padded
+    images and a random horizontal flip (p = 1/2), on float images ``x`` of shape
+    (B, H, W, C).
 
     The random draws are made for all ``global_batch`` examples of the step and
     rows ``offset : offset + B`` are used, so each example gets the same crop and
@@ -414,9 +415,11 @@ def augment(
     import jax.numpy as jnp
 
     b, h, w, c = x.shape
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
     total = global_batch or b
     k_crop, k_flip = jax.random.split(key)
-    ij = jax.random.randint(k_crop, (total, 2), 0, 2 * pad + min(h, w) - crop + 1)
+    high = jnp.asarray([2 * pad + h - ch + 1, 2 * pad + w - cw + 1])
+    ij = jax.random.randint(k_crop, (total, 2), 0, high)
     flips = jax.random.bernoulli(k_flip, 0.5, (total,))
     if total != b:
         ij = jax.lax.dynamic_slice_in_dim(ij, offset, b, 0)
@@ -424,17 +427,17 @@ def augment(
     if pad:
         mode = "reflect" if pad_mode == "reflect" else "constant"
         x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-    x = jax.vmap(
-        lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (crop, crop, c))
-    )(x, ij)
+    x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (ch, cw, c)))(
+        x, ij
+    )
     if flip:
         x = jnp.where(flips[:, None, None, None], x[:, :, ::-1], x)
     return x
 
 
-def center_crop(x, crop: int):
+def center_crop(x, crop: int | tuple[int, int]):
+    """The central ``crop`` window (``(height, width)`` or a side) of each image."""
     h, w = x.shape[1:3]
-    if crop >= h and crop >= w:
-        return x
-    i, j = (h - crop) // 2, (w - crop) // 2
-    return x[:, i : i + crop, j : j + crop]
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    i, j = max(h - ch, 0) // 2, max(w - cw, 0) // 2
+    return x[:, i : i + ch, j : j + cw]

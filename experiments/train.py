@@ -412,7 +412,7 @@ class Trainer:
     def preprocess(self, x, key, train: bool, offset=0, global_batch=None):
         cfg = self.cfg
         x = x.astype(jnp.float32)
-        side = cfg["input_shape"][0]
+        side = tuple(cfg["input_shape"][:2])
         if train and cfg["augment"]:
             x = data_lib.augment(
                 x,
