@@ -539,3 +539,24 @@ def test_differing_keys_ignore_resumable_ones():
     b = dict(a, lr=0.5, num_devices=2, progress=False)
     assert config_lib.differing_keys(a, b) == ["lr"]
     assert json.loads(json.dumps(a)) == a  # config.json round-trips
+
+
+def test_cli_process_bad_input_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.digits",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--lr",
+            "nan",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: lr must be finite, got nan"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
