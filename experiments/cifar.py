@@ -155,10 +155,16 @@ def parse_value(key: str, text: str):
 class _Formatter(
     argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
 ):
-    pass
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "[default:" in text or action.default is None:
+            return text  # config options show their own (derived) defaults
+        return super()._get_help_string(action)
 
 
-def build_parser(prog: str = "python -m experiments.cifar") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "python -m experiments.cifar", defaults: dict | None = None
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0],
@@ -215,6 +221,7 @@ def build_parser(prog: str = "python -m experiments.cifar") -> argparse.Argument
         names = [f"--{key}"]
         if "_" in key:
             names.append(f"--{key.replace('_', '-')}")
+        default = (defaults or {}).get(key, default)
         shown = "derived" if default is None else json.dumps(default)
         kw = {"nargs": "?", "const": "true"} if key in _BOOL_KEYS else {}
         conf.add_argument(
@@ -294,6 +301,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
                 raise config_lib.ConfigError(f"--{alias} and --{key} both given")
             given[key] = parse_value(key, text)
     if args.alias_data is not None:
+        if "dataset" in given:
+            raise config_lib.ConfigError("--data and --dataset both given")
         given["dataset"] = _DATA_NAMES.get(args.alias_data, args.alias_data)
     if args.alias_grassmann is not None:
         if parse_value("unit_init", args.alias_grassmann):
@@ -389,7 +398,7 @@ def main(
 ) -> dict | None:
     """Parses ``argv`` and runs the task; returns its result (also printed as one
     JSON line on stdout). Exits with status 2 on bad input, 1 on divergence."""
-    parser = build_parser(prog)
+    parser = build_parser(prog, defaults)
     args = parser.parse_args(argv)
     if args.list_presets:
         for name in presets.names():
