@@ -24,7 +24,7 @@ KERNEL = "riemax-notebook-test"
 
 
 def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 3
+    assert len(NOTEBOOKS) >= 4
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +66,5 @@ def test_committed_notebook_has_its_outputs_and_stays_small(path):
     assert all(c.execution_count is not None for c in code), "run every cell"
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+    assert any("image/png" in o.get("data", {}) for o in outputs)
     assert path.stat().st_size < 300_000
