@@ -730,3 +730,11 @@ def test_prepare_needs_tensorflow_and_a_tfds_dataset(capsys):
             cifar.main(["--task=prepare", f"--dataset={dataset}"])
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_channel_stats_accumulate_in_chunks():
+    x = np.random.default_rng(0).integers(0, 256, (300, 4, 4, 3)).astype(np.uint8)
+    mean, std = data.channel_stats(x, chunk=7)
+    flat = x.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-9)
