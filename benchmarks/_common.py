@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: optimizers, parameter trees, interleaved timing,
-markdown tables and the machine header.
+"""Shared pieces of the benchmarks: optimizers (from the experiments' one table,
+:mod:`experiments.optimizers`), parameter trees, interleaved timing, markdown
+tables and the machine header.
 
 Timing protocol (:func:`time_interleaved`): every candidate and its baseline live in
 the same process, each with its own jitted step and its own (donated) state. After
@@ -42,23 +43,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from experiments import optimizers as optimizer_table  # noqa: E402
+
 # --------------------------------------------------------------------------------------
-# Optimizers (the papers' hybrids and the optax baselines)
+# Optimizers: built from the experiments' one table (experiments/optimizers.py)
 # --------------------------------------------------------------------------------------
 
-# Manifold learning rates: RBN's CIFAR values for sgdg/adamg, SRT's for the others
-# (the same as experiments/digits.py). They do not change the cost of a step.
-MANIFOLD_LR = {
-    "sgdg": 0.2,
-    "adamg": 0.05,
-    "adamsrt": 1e-3,
-    "adams": 1e-3,
-    "sgdmrt": 0.1,
-}
-EUCLIDEAN_LR = 0.01
-WEIGHT_DECAY = 5e-4
-BASELINE_SGD_LR = 0.1
-BASELINE_ADAM_LR = 1e-3
+# The learning rates are the table's defaults (RBN's CIFAR values for sgdg/adamg,
+# SRT's for the others); they do not change the cost of a step.
+WEIGHT_DECAY = optimizer_table.WEIGHT_DECAY
 
 #: Which optax baseline each riemax optimizer is compared with.
 BASELINE_OF = {
@@ -70,56 +63,60 @@ BASELINE_OF = {
 }
 
 
+def _hyper(name: str, omega: float | None = None) -> dict[str, Any]:
+    entry = optimizer_table.lookup(name)
+    if omega is not None and "omega" not in entry.hyper:
+        raise ValueError(f"omega only applies to sgdg/adamg, not {name}")
+    return optimizer_table.resolve_hyper(name, {"omega": omega})
+
+
 def manifold_tx(name: str, omega: float | None = None) -> optax.GradientTransformation:
-    """The riemax optimizer ``name`` with its paper's learning rate.
+    """The table's transformation of ``name`` for its main group, at its default
+    (manifold) learning rate, with coupled L2 ``5e-4`` in front for the optimizers
+    that decay their main group (the SRT family).
 
     ``omega`` (``sgdg``/``adamg`` only) overrides the orthogonality weight (``None``:
-    riemax's default, 0.1).
+    the table's default, 0.1).
     """
-    lr = MANIFOLD_LR[name]
-    kw = {} if omega is None else {"omega": omega}
-    if name == "sgdg":
-        return riemax.sgdg(lr, momentum=0.9, **kw)
-    if name == "adamg":
-        return riemax.adamg(lr, **kw)
-    if kw:
-        raise ValueError(f"omega only applies to sgdg/adamg, not {name}")
-    if name == "adamsrt":
-        return riemax.adamsrt(lr, weight_decay=WEIGHT_DECAY)
-    if name == "adams":
-        return riemax.adams(lr, weight_decay=WEIGHT_DECAY)
-    if name == "sgdmrt":
-        return riemax.sgdmrt(lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
-    raise ValueError(f"unknown riemax optimizer {name!r}")
-
-
-def euclidean_tx() -> optax.GradientTransformation:
-    """The Euclidean half of the hybrids: coupled L2, then Nesterov SGD (RBN-TF)."""
-    return optax.chain(
-        optax.add_decayed_weights(WEIGHT_DECAY),
-        optax.sgd(EUCLIDEAN_LR, momentum=0.9, nesterov=True),
-    )
+    entry = optimizer_table.lookup(name)
+    hyper = _hyper(name, omega)
+    lr = hyper["lr_manifold"] if entry.companion == "nesterov_sgd" else hyper["lr"]
+    tx = entry.factory(lr, **{k: hyper[k] for k in entry.hyper})
+    if entry.sphere:
+        return tx
+    return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), tx)
 
 
 def hybrid_tx(
     name: str, labels: Any, omega: float | None = None
 ) -> optax.GradientTransformation:
-    """``riemax.hybrid(manifold_tx(name), euclidean_tx(), labels)``."""
-    return riemax.hybrid(manifold_tx(name, omega), euclidean_tx(), labels)
+    """``name`` exactly as the experiments build it (:func:`optimizer_table.build`)
+    with the table's defaults: the manifold leaves get the riemax optimizer, the
+    others its companion (Nesterov SGD for sgdg/adamg, the same algorithm element
+    by element for the SRT family), with coupled L2 ``5e-4`` on every Euclidean
+    leaf (and on the manifold leaves where the table decays them)."""
+    decays = optimizer_table.group_decays(name, {})
+    decay = jax.tree.map(
+        lambda lab: decays["manifold"] if lab == riemax.MANIFOLD else WEIGHT_DECAY,
+        labels,
+    )
+    return optimizer_table.build(name, _hyper(name, omega), labels, decay=decay)
 
 
 def baseline_tx(kind: str) -> optax.GradientTransformation:
-    """``"sgd"``: Nesterov momentum SGD, ``"adam"``: Adam; both on the whole tree."""
-    if kind == "sgd":
-        return optax.sgd(BASELINE_SGD_LR, momentum=0.9, nesterov=True)
-    if kind == "adam":
-        return optax.adam(BASELINE_ADAM_LR)
-    raise ValueError(f"unknown baseline {kind!r}")
+    """``"sgd"``: Nesterov momentum SGD, ``"adam"``: Adam; both on the whole tree,
+    from the table at its default learning rate, without weight decay."""
+    if kind not in ("sgd", "adam"):
+        raise ValueError(f"unknown baseline {kind!r}")
+    entry = optimizer_table.lookup(kind)
+    hyper = optimizer_table.resolve_hyper(kind, {})
+    return entry.factory(hyper["lr"], **{k: hyper[k] for k in entry.hyper})
 
 
 BASELINE_DESCRIPTION = {
-    "sgd": f"optax.sgd({BASELINE_SGD_LR}, momentum=0.9, nesterov=True)",
-    "adam": f"optax.adam({BASELINE_ADAM_LR})",
+    "sgd": f"optax.sgd({optimizer_table.OPTIMIZERS['sgd'].lr}, momentum=0.9, "
+    "nesterov=True)",
+    "adam": f"optax.adam({optimizer_table.OPTIMIZERS['adam'].lr})",
 }
 
 
@@ -173,20 +170,22 @@ def manifold_mask(labels: Any) -> Any:
     return jax.tree.map(lambda lab: lab == riemax.MANIFOLD, labels)
 
 
-def unit_normalize(w: jax.Array) -> jax.Array:
-    """``w`` with every unit ``w[..., j]`` scaled to norm one."""
-    norms = jnp.sqrt(jnp.sum(jnp.square(w.reshape(-1, w.shape[-1])), axis=0))
-    return w / (norms + 1e-8)
+@jax.jit
+def _unit_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [riemax.sphere.unit(w) for w in leaves]
 
 
 def normalize_manifold(params: Any, labels: Any) -> Any:
-    """Manifold kernels scaled to unit-norm units (RBN's initialisation for
-    ``sgdg``/``adamg``); other leaves unchanged."""
-    return jax.tree.map(
-        lambda w, lab: unit_normalize(w) if lab == riemax.MANIFOLD else w,
-        params,
-        labels,
-    )
+    """Manifold kernels with unit-norm units (``riemax.sphere.unit``, RBN's
+    initialisation for ``sgdg``/``adamg``); other leaves unchanged. One jitted
+    call for all kernels."""
+    flat, treedef = jax.tree.flatten(params)
+    flat_labels = treedef.flatten_up_to(labels)
+    picked = [i for i, lab in enumerate(flat_labels) if lab == riemax.MANIFOLD]
+    units = _unit_leaves([flat[i] for i in picked]) if picked else []
+    for i, w in zip(picked, units, strict=True):
+        flat[i] = w
+    return jax.tree.unflatten(treedef, flat)
 
 
 def random_params_and_grads(shapes: Any, labels: Any, seed: int = 0) -> tuple[Any, Any]:
@@ -196,18 +195,16 @@ def random_params_and_grads(shapes: Any, labels: Any, seed: int = 0) -> tuple[An
     Drawn with NumPy: ``jax.random`` under jit compiles slowly for many leaves."""
     rng = np.random.default_rng(seed)
 
-    def param(s, lab):
+    def param(s):
         w = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(0.05)
-        if lab == riemax.MANIFOLD:
-            flat = w.reshape(-1, s.shape[-1])
-            w = w / (np.sqrt(np.einsum("ij,ij->j", flat, flat)) + np.float32(1e-8))
         return jnp.asarray(w, s.dtype)
 
     def grad(s):
         g = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(0.01)
         return jnp.asarray(g, s.dtype)
 
-    return jax.tree.map(param, shapes, labels), jax.tree.map(grad, shapes)
+    params = normalize_manifold(jax.tree.map(param, shapes), labels)
+    return params, jax.tree.map(grad, shapes)
 
 
 def tree_bytes(tree: Any) -> int:

@@ -17,11 +17,17 @@ Models:
 
 - :class:`VGG` -- RBN-TF VGG-N (conv-BN(no scale)-ReLU, FC512-BN-ReLU x2, FC), or SRT's
   ``vgg16`` (BN with scale, single Linear classifier) via ``fc_bn=False`` plus the SRT
-  BatchNorm/init options (registry name ``vgg16-srt``).
+  BatchNorm/init options (registry name ``vgg16-srt``). ``vgg-small``: stages of
+  ``convs_per_stage`` convs of each of ``widths`` and a single Linear classifier
+  (the offline digits model; any input of at least ``2**len(widths)`` pixels).
 - :class:`WideResNet` -- RBN-TF pre-activation WRN-d-k.
 - :class:`ResNet` -- SRT post-activation ResNet-20 / ResNet-18 (option-B shortcut).
 - :class:`EnormFC`, :class:`EnormConv` -- the ENorm paper's bias-free FC and fully
   convolutional CIFAR-10 models (including the padded 1x1 conv quirk).
+
+Every model takes ``bn_momentum`` (running-average decay, default the paper's) and
+``bn_axis_name`` (average the batch statistics over a ``pmap`` axis: synchronised
+BatchNorm) keyword arguments.
 
 Use :func:`build_model` for the registry and :func:`param_shapes` to get the parameter
 shape tree of any registered model without allocating it.
@@ -45,7 +51,9 @@ __all__ = [
     "VGG",
     "WideResNet",
     "build_model",
+    "check_name",
     "count_params",
+    "default_bn_decay",
     "model_names",
     "param_shapes",
     "rbn_init",
@@ -110,20 +118,48 @@ def _kernel_init(init: str) -> Initializer:
     return _INITS[init]()
 
 
-def _rbn_bn(num_features: int, *, use_scale: bool, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """RBN-TF BatchNorm: decay 0.99, eps 1e-5, beta always, gamma iff ``use_scale``."""
+def _rbn_bn(
+    num_features: int,
+    *,
+    use_scale: bool,
+    rngs: nnx.Rngs,
+    momentum: float | None = None,
+    axis_name: str | None = None,
+) -> nnx.BatchNorm:
+    """RBN-TF BatchNorm: decay 0.99, eps 1e-5, beta always, gamma iff ``use_scale``.
+
+    ``momentum`` overrides the running-average decay; ``axis_name`` averages the
+    batch statistics over that mapped axis (synchronised BatchNorm under pmap).
+    """
     return nnx.BatchNorm(
-        num_features, momentum=0.99, epsilon=1e-5, use_scale=use_scale, rngs=rngs
+        num_features,
+        momentum=0.99 if momentum is None else momentum,
+        epsilon=1e-5,
+        use_scale=use_scale,
+        axis_name=axis_name,
+        rngs=rngs,
     )
 
 
-def _torch_bn(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def _torch_bn(
+    num_features: int,
+    *,
+    rngs: nnx.Rngs,
+    momentum: float | None = None,
+    axis_name: str | None = None,
+) -> nnx.BatchNorm:
     """PyTorch ``BatchNorm2d`` defaults: momentum 0.1 (= Flax decay 0.9), eps 1e-5.
 
     (PyTorch updates the running variance with the unbiased batch variance; Flax uses
     the biased one. Irrelevant for training, tiny difference in eval mode.)
     """
-    return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    return nnx.BatchNorm(
+        num_features,
+        momentum=0.9 if momentum is None else momentum,
+        epsilon=1e-5,
+        axis_name=axis_name,
+        rngs=rngs,
+    )
 
 
 _TORCH_PAD1 = (
@@ -166,6 +202,8 @@ class VGG(nnx.Module):
       fc_width: Width of the two hidden FC layers (``fc_bn=True``).
       bn_scale: Whether the BatchNorms have a learned scale gamma.
       bn_momentum: BatchNorm running-average decay (Flax convention).
+      bn_axis_name: Mapped axis over which BatchNorm averages its batch statistics
+        (synchronised BatchNorm under ``jax.pmap``); ``None``: local statistics.
       init: ``"rbn"`` (TF variance scaling) or ``"torch"`` (PyTorch defaults).
       padding: ``"same"`` (TF SAME) or ``"torch"`` (explicit padding 1).
       rngs: Flax NNX random streams.
@@ -183,6 +221,7 @@ class VGG(nnx.Module):
         fc_width: int = 512,
         bn_scale: bool = False,
         bn_momentum: float = 0.99,
+        bn_axis_name: str | None = None,
         init: str = "rbn",
         padding: str = "same",
         rngs: nnx.Rngs,
@@ -201,7 +240,12 @@ class VGG(nnx.Module):
 
         def bn(n):
             return nnx.BatchNorm(
-                n, momentum=bn_momentum, epsilon=1e-5, use_scale=bn_scale, rngs=rngs
+                n,
+                momentum=bn_momentum,
+                epsilon=1e-5,
+                use_scale=bn_scale,
+                axis_name=bn_axis_name,
+                rngs=rngs,
             )
 
         convs, bns, pool_after = [], [], []
@@ -279,9 +323,12 @@ class WideBlock(nnx.Module):
         *,
         dropout: float | None,
         rngs: nnx.Rngs,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
     ):
         kinit = rbn_init()
-        self.bn0 = _rbn_bn(in_ch, use_scale=True, rngs=rngs)
+        bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
+        self.bn0 = _rbn_bn(in_ch, use_scale=True, rngs=rngs, **bn)
         self.conv0 = nnx.Conv(
             in_ch,
             out_ch,
@@ -291,7 +338,7 @@ class WideBlock(nnx.Module):
             kernel_init=kinit,
             rngs=rngs,
         )
-        self.bn1 = _rbn_bn(out_ch, use_scale=True, rngs=rngs)
+        self.bn1 = _rbn_bn(out_ch, use_scale=True, rngs=rngs, **bn)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
         self.conv1 = nnx.Conv(
             out_ch, out_ch, (3, 3), use_bias=False, kernel_init=kinit, rngs=rngs
@@ -337,6 +384,8 @@ class WideResNet(nnx.Module):
         *,
         dropout: float | None = None,
         in_channels: int = 3,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
         rngs: nnx.Rngs,
     ):
         if depth < 10 or (depth - 4) % 6:
@@ -359,11 +408,19 @@ class WideResNet(nnx.Module):
                         stride if i == 0 else 1,
                         dropout=dropout,
                         rngs=rngs,
+                        bn_momentum=bn_momentum,
+                        bn_axis_name=bn_axis_name,
                     )
                 )
                 channels = out
             setattr(self, f"group{group}", nnx.List(blocks))
-        self.bn = _rbn_bn(channels, use_scale=True, rngs=rngs)
+        self.bn = _rbn_bn(
+            channels,
+            use_scale=True,
+            rngs=rngs,
+            momentum=bn_momentum,
+            axis_name=bn_axis_name,
+        )
         self.fc = nnx.Linear(channels, num_classes, kernel_init=kinit, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -384,8 +441,18 @@ class BasicBlock(nnx.Module):
     """Post-activation block ``ReLU(BN(conv1(ReLU(BN(conv0(x))))) + shortcut(x))``;
     shortcut = identity or ``shortcut_bn(shortcut_conv(x))`` (1x1, option B)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        *,
+        rngs: nnx.Rngs,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
+    ):
         kinit = torch_default_init()
+        bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
         self.conv0 = nnx.Conv(
             in_ch,
             out_ch,
@@ -396,7 +463,7 @@ class BasicBlock(nnx.Module):
             kernel_init=kinit,
             rngs=rngs,
         )
-        self.bn0 = _torch_bn(out_ch, rngs=rngs)
+        self.bn0 = _torch_bn(out_ch, rngs=rngs, **bn)
         self.conv1 = nnx.Conv(
             out_ch,
             out_ch,
@@ -406,7 +473,7 @@ class BasicBlock(nnx.Module):
             kernel_init=kinit,
             rngs=rngs,
         )
-        self.bn1 = _torch_bn(out_ch, rngs=rngs)
+        self.bn1 = _torch_bn(out_ch, rngs=rngs, **bn)
         if in_ch != out_ch or stride != 1:
             self.shortcut_conv = nnx.Conv(
                 in_ch,
@@ -418,7 +485,7 @@ class BasicBlock(nnx.Module):
                 kernel_init=kinit,
                 rngs=rngs,
             )
-            self.shortcut_bn = _torch_bn(out_ch, rngs=rngs)
+            self.shortcut_bn = _torch_bn(out_ch, rngs=rngs, **bn)
         else:
             self.shortcut_conv = None
             self.shortcut_bn = None
@@ -447,8 +514,16 @@ class ResNet(nnx.Module):
     """
 
     def __init__(
-        self, depth: int, num_classes: int, *, in_channels: int = 3, rngs: nnx.Rngs
+        self,
+        depth: int,
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
+        bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
         if depth not in _RESNET_CONFIGS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNET_CONFIGS)}")
         stem, stages, n_blocks = _RESNET_CONFIGS[depth]
@@ -461,14 +536,21 @@ class ResNet(nnx.Module):
             kernel_init=torch_default_init(),
             rngs=rngs,
         )
-        self.bn = _torch_bn(stem, rngs=rngs)
+        self.bn = _torch_bn(stem, rngs=rngs, **bn)
         channels = stem
         self.num_stages = len(stages)
         for s, (out, stride) in enumerate(stages, start=1):
             blocks = []
             for i in range(n_blocks):
                 blocks.append(
-                    BasicBlock(channels, out, stride if i == 0 else 1, rngs=rngs)
+                    BasicBlock(
+                        channels,
+                        out,
+                        stride if i == 0 else 1,
+                        rngs=rngs,
+                        bn_momentum=bn_momentum,
+                        bn_axis_name=bn_axis_name,
+                    )
                 )
                 channels = out
             setattr(self, f"layer{s}", nnx.List(blocks))
@@ -509,8 +591,11 @@ class EnormFC(nnx.Module):
         num_classes: int = 10,
         in_features: int = 3072,
         hidden: int = 500,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
         rngs: nnx.Rngs,
     ):
+        bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
         if n_layers < 2:
             raise ValueError(f"n_layers must be >= 2, got {n_layers}")
         self.n_layers = n_layers
@@ -524,7 +609,7 @@ class EnormFC(nnx.Module):
                 nnx.Linear(fan_in, out, use_bias=False, kernel_init=kinit, rngs=rngs),
             )
             if i < n_layers - 1:
-                setattr(self, f"bn_{i:02d}", _torch_bn(out, rngs=rngs))
+                setattr(self, f"bn_{i:02d}", _torch_bn(out, rngs=rngs, **bn))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
@@ -547,8 +632,17 @@ class EnormConv(nnx.Module):
     original); anything else raises. Kaiming-normal init, PyTorch BatchNorm defaults.
     """
 
-    def __init__(self, *, num_classes: int = 10, in_channels: int = 3, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        bn_momentum: float | None = None,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         kinit = kaiming_normal_init()
+        bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
         spec = [
             (in_channels, 128, 3, 1),
             (128, 128, 3, 1),
@@ -574,8 +668,8 @@ class EnormConv(nnx.Module):
                     rngs=rngs,
                 ),
             )
-        self.bn1 = _torch_bn(128, rngs=rngs)
-        self.bn2 = _torch_bn(256, rngs=rngs)
+        self.bn1 = _torch_bn(128, rngs=rngs, **bn)
+        self.bn2 = _torch_bn(256, rngs=rngs, **bn)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         def pool(h):
@@ -611,6 +705,27 @@ def _vgg(depth: int) -> Callable[..., nnx.Module]:
         return VGG(depth, num_classes, input_shape=input_shape, rngs=rngs, **kw)
 
     return build
+
+
+def _vgg_small(
+    num_classes,
+    *,
+    rngs,
+    input_shape=DEFAULT_INPUT_SHAPE,
+    widths=(32, 64),
+    convs_per_stage=2,
+    **kw,
+):
+    stages = tuple((convs_per_stage, int(w)) for w in widths)
+    return VGG(
+        None,
+        num_classes,
+        stages=stages,
+        fc_bn=False,
+        input_shape=input_shape,
+        rngs=rngs,
+        **kw,
+    )
 
 
 def _vgg16_srt(num_classes, *, rngs, input_shape=DEFAULT_INPUT_SHAPE, **kw):
@@ -652,6 +767,7 @@ def _enorm_conv(num_classes, *, rngs, input_shape=DEFAULT_INPUT_SHAPE, **kw):
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     **{f"vgg{d}": _vgg(d) for d in sorted(_VGG_CONVS)},
     "vgg16-srt": _vgg16_srt,
+    "vgg-small": _vgg_small,
     **{f"wrn-{d}-{k}": _wrn(d, k) for d, k in [(16, 4), (22, 8), (28, 10), (40, 10)]},
     "resnet20": _resnet(20),
     "resnet18": _resnet(18),
@@ -676,6 +792,21 @@ def _lookup(name: str) -> Callable[..., nnx.Module]:
         f"unknown model {name!r}; valid names: {', '.join(model_names())} "
         "(or any wrn-D-K with D = 6n + 4)"
     )
+
+
+def default_bn_decay(name: str) -> float:
+    """The BatchNorm running-average decay a model uses by default: 0.99 for the
+    RBN-TF models (VGG-N, WRN, ``vgg-small``), 0.9 for the PyTorch ones (SRT's
+    ResNets and ``vgg16-srt``, ENorm's models)."""
+    _lookup(name)
+    if name == "vgg16-srt" or name.startswith(("resnet", "enorm")):
+        return 0.9
+    return 0.99
+
+
+def check_name(name: str) -> None:
+    """Raises ``ValueError`` listing the valid names if ``name`` is not a model."""
+    _lookup(name)
 
 
 def build_model(

@@ -6,6 +6,7 @@ units on the unit sphere with composable :class:`optax.GradientTransformation`\\
 """
 
 from riemax import _sphere as sphere
+from riemax import diagnostics
 from riemax._adamsrt import (
     ScaleByAdamsState,
     ScaleBySgdmrtState,
@@ -73,6 +74,7 @@ __all__ = [
     "apply_enorm",
     "check_labels",
     "clip_tangent_norm",
+    "diagnostics",
     "enorm_cycle",
     "exp_map_update",
     "grassmann_project",

@@ -21,7 +21,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-SCRIPTS = ("optimizer_step", "train_step", "compile_memory", "scaling")
+SCRIPTS = (
+    "optimizer_step",
+    "train_step",
+    "compile_memory",
+    "scaling",
+    "input_pipeline",
+)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

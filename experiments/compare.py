@@ -1,0 +1,133 @@
+"""A fair comparison of optimizers (``--task=compare``).
+
+For each optimizer, each multiplier of its default learning rate(s) in
+``lr_grid`` (both rates of a hybrid are scaled together) and each seed, one run of
+the base config trains on the training split minus a validation split carved
+from it (``val_size``; the test split is never used to choose). The multiplier
+with the lowest median validation error is the optimizer's; the table reports
+the median (over seeds) test error of the runs at that learning rate, with the
+per-seed values, and the command that reproduces it. Every run is an ordinary
+workdir under ``workdir/OPTIMIZER/lrMULT/seedS`` (an interrupted comparison
+resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any
+
+from experiments import config as config_lib
+from experiments import optimizers as opt_lib
+from experiments.config import ConfigError
+
+
+def compare(
+    cfg: dict[str, Any],
+    workdir: str,
+    *,
+    optimizers: list[str],
+    seeds: int,
+    lr_grid: list[float],
+    command: str | None = None,
+) -> dict[str, Any]:
+    from experiments import train
+
+    for name in optimizers:
+        if name not in opt_lib.OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {name!r}; valid optimizers: "
+                + ", ".join(opt_lib.OPTIMIZERS)
+            )
+    if not optimizers:
+        raise ConfigError("--optimizers is empty")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not lr_grid or min(lr_grid) <= 0:
+        raise ConfigError(f"--lr_grid needs positive multipliers, got {lr_grid}")
+    given = sorted(k for k in opt_lib.HYPER_KEYS if cfg.get(k) is not None)
+    if given:
+        raise ConfigError(
+            "compare runs each optimizer at its default hyper-parameters times "
+            f"--lr_grid; drop {', '.join('--' + k for k in given)}"
+        )
+    base = {k: v for k, v in cfg.items() if k != "optimizer"} | {"progress": False}
+    resolved = config_lib.resolve(base | {"optimizer": optimizers[0]})
+    if not resolved["val_size"]:
+        raise ConfigError(
+            "compare chooses the learning rate on a validation split carved from "
+            "train: give --val_size (examples, or a fraction)"
+        )
+
+    rows = []
+    for name in optimizers:
+        entry = opt_lib.lookup(name)
+        by_mult = []
+        for mult in lr_grid:
+            lrs = {"lr": entry.lr * mult}
+            if entry.lr_manifold is not None:
+                lrs["lr_manifold"] = entry.lr_manifold * mult
+            runs = []
+            for seed in range(seeds):
+                sub = os.path.join(workdir, name, f"lr{mult:g}", f"seed{seed}")
+                train.status(f"compare: {name} lr x{mult:g} seed {seed} in {sub}")
+                runs.append(
+                    train.train_and_evaluate(
+                        base | {"optimizer": name, "seed": seed} | lrs, sub
+                    )
+                )
+            by_mult.append(
+                {
+                    "mult": mult,
+                    **lrs,
+                    "val_errors": [r["val_error"] for r in runs],
+                    "test_errors": [r["test_error"] for r in runs],
+                }
+            )
+        best = min(by_mult, key=lambda m: statistics.median(m["val_errors"]))
+        rows.append({"optimizer": name, "grid": by_mult, "chosen": best})
+
+    table = _markdown(rows, resolved, seeds, lr_grid, command)
+    result = {"rows": rows, "table": table, "command": command}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "compare.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    train.status("comparison:\n" + table)
+    return {"table": table, "compare_json": os.path.join(workdir, "compare.json")}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _markdown(rows, cfg, seeds, grid, command) -> str:
+    lines = [
+        f"| optimizer | lr (best on val) | median val error % | median test error % "
+        f"({seeds} seeds) | test error % per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        c = row["chosen"]
+        lr = f"{c['lr']:g}"
+        if "lr_manifold" in c:
+            lr += f" / manifold {c['lr_manifold']:g}"
+        lines.append(
+            f"| {row['optimizer']} | {lr} (x{c['mult']:g}) | "
+            f"{_pct(statistics.median(c['val_errors']))} | "
+            f"{_pct(statistics.median(c['test_errors']))} | "
+            + ", ".join(_pct(e) for e in c["test_errors"])
+            + " |"
+        )
+    lines.append("")
+    lines.append(
+        f"{cfg['dataset']}, model {cfg['model']}, {cfg.get('steps') or ''} steps of "
+        f"{cfg['batch_size']}, train_size {cfg['train_size']}, val_size "
+        f"{cfg['val_size']} (carved from train), learning-rate multipliers "
+        f"{', '.join(f'{g:g}' for g in grid)} of each optimizer's defaults."
+    )
+    if command:
+        lines.append(f"Reproduce: `{command}`")
+    return "\n".join(lines)

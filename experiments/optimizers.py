@@ -1,0 +1,460 @@
+r"""The one table of optimizers used by the experiments and the benchmarks.
+
+Each :class:`OptimizerEntry` says how one named optimizer is built from a config:
+
+- ``factory(learning_rate, **hyper)``: the transformation of the *main* group (the
+  whole tree, or the manifold leaves of a hybrid);
+- ``hyper``: its hyper-parameters (config keys) with their defaults;
+- ``lr`` / ``lr_manifold``: default learning rates (``lr_manifold`` only for the
+  hybrids, whose two halves have their own rates);
+- ``companion``: what the parameters outside the manifold get,
+
+  * ``"none"``: the factory runs on the whole tree (the labels only feed the
+    metrics);
+  * ``"nesterov_sgd"``: the papers' Euclidean half (Cho & Lee): momentum SGD at
+    ``lr`` with ``momentum`` and ``nesterov``, the factory at ``lr_manifold`` on
+    the manifold leaves;
+  * ``"elementwise"``: the same algorithm with ``channel_axes=None`` (Roburin et
+    al.: the "other" parameter group, one learning rate for both);
+
+- ``decay``: ``"coupled"`` (L2 added to the gradient before the optimizer, the
+  originals' ``weight_decay``) or ``"decoupled"`` (the factory receives the
+  per-leaf decay tree as ``decay=`` and places it itself, as AdamW does);
+- ``sphere``: the manifold kernels are re-initialised to unit-norm units and get
+  no weight decay (SGD-G, Adam-G);
+- ``decay_all``: by default biases and BatchNorm scales/offsets are decayed like the
+  kernels (the papers' SGD/Adam baselines), otherwise only kernels are;
+- ``paper_labels``: the rule that ``--labels=paper`` means for this optimizer
+  (``"rbn"``: name contains ``conv`` and fan-in > fan-out; ``"srt"``: every conv
+  kernel).
+
+Adding an optimizer is adding one entry to :data:`OPTIMIZERS`.
+
+Weight decay is per parameter group (:func:`param_groups`): ``manifold`` kernels,
+Euclidean ``kernel``\ s, ``bias``\ es of Conv/Dense layers, BatchNorm ``gamma``
+(scale) and ``beta`` (offset); :func:`decay_tree` maps the config's
+``manifold_decay``, ``weight_decay``, ``bias_decay``, ``gamma_decay`` and
+``beta_decay`` onto the leaves.
+
+Schedules (:func:`make_schedule`) reproduce the three papers: ``"piecewise"``
+(Cho & Lee: ``lr * factor ** #{s in decay_steps: count > s}``, strict ``>`` on the
+0-based update count), ``"multistep"`` (Roburin et al.: PyTorch ``MultiStepLR``
+stepped once per epoch, ``lr * factor ** #{m in decay_epochs: epoch >= m}``),
+``"linear"`` (Stock et al.: ``lr * (E - epoch) / E`` set at the start of each
+epoch) and ``"constant"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import riemax
+
+# --------------------------------------------------------------------------------------
+# Factories (the main group's transformation)
+# --------------------------------------------------------------------------------------
+
+
+def _sgd(learning_rate, *, momentum, nesterov):
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+def _sgdg(learning_rate, *, momentum, grad_clip, omega):
+    return riemax.sgdg(
+        learning_rate, momentum=momentum, grad_clip=grad_clip, omega=omega
+    )
+
+
+def _adamg(learning_rate, *, b1, b2, eps, grad_clip, omega):
+    return riemax.adamg(
+        learning_rate, b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega
+    )
+
+
+def _adams(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    # weight_decay=0: the coupled L2 is applied per group in front (same chain).
+    return riemax.adams(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
+
+
+def _adamsrt(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    return riemax.adamsrt(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
+
+
+def _sgdmrt(learning_rate, *, momentum, channel_axes=(-1,)):
+    return riemax.sgdmrt(learning_rate, momentum, 0.0, channel_axes=channel_axes)
+
+
+def _adam(learning_rate, *, b1, b2, eps):
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def _adamw(learning_rate, *, b1, b2, eps, decay):
+    # optax.adamw's chain with a per-leaf decay (PyTorch AdamW: decoupled).
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        add_decay(decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+    """One named optimizer: see the module docstring for the fields."""
+
+    name: str
+    factory: Callable[..., optax.GradientTransformation]
+    hyper: Mapping[str, Any]
+    lr: float
+    companion: str = "none"
+    lr_manifold: float | None = None
+    decay: str = "coupled"
+    sphere: bool = False
+    decay_all: bool = False
+    paper_labels: str = "rbn"
+    description: str = ""
+
+    def __post_init__(self):
+        if self.companion not in ("none", "nesterov_sgd", "elementwise"):
+            raise ValueError(f"{self.name}: unknown companion {self.companion!r}")
+        if self.decay not in ("coupled", "decoupled"):
+            raise ValueError(f"{self.name}: unknown decay {self.decay!r}")
+        if (self.lr_manifold is None) == (self.companion == "nesterov_sgd"):
+            raise ValueError(f"{self.name}: lr_manifold is for nesterov_sgd hybrids")
+        object.__setattr__(self, "hyper", MappingProxyType(dict(self.hyper)))
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The hyper-parameter config keys this optimizer reads."""
+        keys = ["lr", *self.hyper]
+        if self.companion == "nesterov_sgd":
+            keys += ["lr_manifold", "momentum", "nesterov"]
+        return tuple(dict.fromkeys(keys))
+
+
+_SGD_HYPER = {"momentum": 0.9, "nesterov": True}
+_ADAM_HYPER = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    e.name: e
+    for e in [
+        OptimizerEntry(
+            "sgd",
+            _sgd,
+            _SGD_HYPER,
+            lr=0.1,
+            decay_all=True,
+            description="momentum SGD (Nesterov by default) on every parameter, "
+            "coupled L2 on every group (the papers' SGD baseline)",
+        ),
+        OptimizerEntry(
+            "sgdg",
+            _sgdg,
+            {"momentum": 0.9, "grad_clip": 0.1, "omega": 0.1},
+            lr=0.01,
+            lr_manifold=0.2,
+            companion="nesterov_sgd",
+            sphere=True,
+            description="SGD-G on the manifold kernels, Nesterov SGD with L2 on "
+            "the Euclidean weights (Cho & Lee 2017)",
+        ),
+        OptimizerEntry(
+            "adamg",
+            _adamg,
+            {"b1": 0.9, "b2": 0.99, "eps": 1e-8, "grad_clip": 0.1, "omega": 0.1},
+            lr=0.01,
+            lr_manifold=0.05,
+            companion="nesterov_sgd",
+            sphere=True,
+            description="Adam-G on the manifold kernels, Nesterov SGD with L2 on "
+            "the Euclidean weights (Cho & Lee 2017)",
+        ),
+        OptimizerEntry(
+            "adams",
+            _adams,
+            _ADAM_HYPER,
+            lr=1e-3,
+            companion="elementwise",
+            decay_all=True,
+            paper_labels="srt",
+            description="AdamS per unit on the manifold kernels, Adam elsewhere, "
+            "coupled L2 everywhere (Roburin et al. 2020)",
+        ),
+        OptimizerEntry(
+            "adamsrt",
+            _adamsrt,
+            _ADAM_HYPER,
+            lr=1e-3,
+            companion="elementwise",
+            decay_all=True,
+            paper_labels="srt",
+            description="AdamSRT per unit on the manifold kernels, Adam elsewhere, "
+            "coupled L2 everywhere (Roburin et al. 2020)",
+        ),
+        OptimizerEntry(
+            "sgdmrt",
+            _sgdmrt,
+            {"momentum": 0.9},
+            lr=0.1,
+            companion="elementwise",
+            decay_all=True,
+            paper_labels="srt",
+            description="SGD-MRT per unit on the manifold kernels, momentum SGD "
+            "elsewhere, coupled L2 everywhere (Roburin et al. 2020)",
+        ),
+        OptimizerEntry(
+            "adam",
+            _adam,
+            _ADAM_HYPER,
+            lr=1e-3,
+            decay_all=True,
+            paper_labels="srt",
+            description="Adam on every parameter with coupled L2 (torch.optim.Adam)",
+        ),
+        OptimizerEntry(
+            "adamw",
+            _adamw,
+            _ADAM_HYPER,
+            lr=1e-3,
+            decay="decoupled",
+            decay_all=True,
+            paper_labels="srt",
+            description="AdamW on every parameter, decoupled decay (torch.optim.AdamW)",
+        ),
+    ]
+}
+
+#: Default ``weight_decay`` per optimizer where it is not the common 5e-4
+#: (PyTorch AdamW's default).
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01}
+WEIGHT_DECAY = 5e-4
+
+#: The hyper-parameter keys of all optimizers (config keys, default ``None``).
+HYPER_KEYS = ("lr", "lr_manifold", "momentum", "nesterov", "b1", "b2", "eps")
+HYPER_KEYS += ("grad_clip", "omega")
+
+
+def names() -> list[str]:
+    return list(OPTIMIZERS)
+
+
+def lookup(name: str) -> OptimizerEntry:
+    if name not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    return OPTIMIZERS[name]
+
+
+def resolve_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer's hyper-parameters: ``given`` (non-``None`` values) over the
+    table's defaults. A value for a key that the optimizer does not read raises."""
+    entry = lookup(name)
+    keys = entry.config_keys
+    extra = sorted(k for k in HYPER_KEYS if given.get(k) is not None and k not in keys)
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)} does not apply to optimizer {name!r} "
+            f"(it reads {', '.join(keys)})"
+        )
+    defaults = {"lr": entry.lr, **entry.hyper}
+    if entry.companion == "nesterov_sgd":
+        defaults |= {"lr_manifold": entry.lr_manifold} | _SGD_HYPER
+    out = {k: (given[k] if given.get(k) is not None else defaults[k]) for k in keys}
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Parameter groups and weight decay
+# --------------------------------------------------------------------------------------
+
+GROUPS = ("manifold", "kernel", "bias", "gamma", "beta")
+
+
+def param_groups(params: Any, labels: Any, batchnorm_paths: set[str]) -> Any:
+    """The weight-decay group of every leaf: ``manifold`` (manifold kernels),
+    ``kernel`` (other leaves of rank >= 2), ``gamma``/``beta`` (scale/bias of a
+    module whose ``/``-joined path is in ``batchnorm_paths``), ``bias`` (the rest)."""
+
+    def one(path, leaf, label):
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        parent = "/".join(keys[:-1])
+        if label == riemax.MANIFOLD:
+            return "manifold"
+        if len(getattr(leaf, "shape", ())) >= 2:
+            return "kernel"
+        if parent in batchnorm_paths:
+            return "gamma" if keys[-1] == "scale" else "beta"
+        return "bias"
+
+    return jax.tree_util.tree_map_with_path(one, params, labels)
+
+
+def decay_tree(groups: Any, decays: Mapping[str, float]) -> Any:
+    """Per-leaf decay coefficients (Python floats) from per-group values."""
+    return jax.tree.map(lambda g: float(decays[g]), groups)
+
+
+def add_decay(decay: Any) -> optax.GradientTransformation:
+    """``g + decay * w`` leaf by leaf, ``decay`` a tree of Python floats (static;
+    leaves with 0 are passed through)."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        out = jax.tree.map(
+            lambda g, w, d: g if d == 0 else g + jnp.asarray(d, g.dtype) * w,
+            updates,
+            params,
+            decay,
+        )
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+SCHEDULES = ("constant", "piecewise", "multistep", "linear")
+
+
+def make_schedule(
+    base: float,
+    kind: str,
+    *,
+    decay_steps: tuple[int, ...] = (),
+    decay_epochs: tuple[float, ...] = (),
+    decay_factor: float = 0.1,
+    steps_per_epoch: int = 1,
+    epochs: int | None = None,
+) -> optax.Schedule:
+    """The learning rate as a function of the 0-based update count (see the module
+    docstring for the four kinds)."""
+    if kind == "constant":
+        return lambda count: jnp.asarray(base, jnp.float32) + 0 * count
+    if kind == "piecewise":
+        bounds = jnp.asarray(decay_steps or [2**31 - 1], jnp.int32)
+
+        def piecewise(count):
+            n = jnp.sum(jnp.asarray(count, jnp.int32) > bounds) if decay_steps else 0
+            return base * jnp.asarray(decay_factor, jnp.float32) ** n
+
+        return piecewise
+    if kind == "multistep":
+        milestones = jnp.asarray(decay_epochs or [2**31 - 1], jnp.float32)
+
+        def multistep(count):
+            epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
+            n = jnp.sum(epoch >= milestones) if decay_epochs else 0
+            return base * jnp.asarray(decay_factor, jnp.float32) ** n
+
+        return multistep
+    if kind == "linear":
+        if not epochs:
+            raise ValueError("the linear schedule needs epochs")
+
+        def linear(count):
+            epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
+            frac = jnp.maximum(epochs - epoch, 0).astype(jnp.float32) / epochs
+            return base * frac
+
+        return linear
+    raise ValueError(f"unknown schedule {kind!r}; valid schedules: {SCHEDULES}")
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def build(
+    name: str,
+    hyper: Mapping[str, Any],
+    labels: Any,
+    *,
+    schedule: Callable[[float], optax.ScalarOrSchedule] = lambda lr: lr,
+    decay: Any = None,
+) -> optax.GradientTransformation:
+    """The optimizer ``name`` with resolved ``hyper`` (:func:`resolve_hyper`).
+
+    Args:
+      name: A key of :data:`OPTIMIZERS`.
+      hyper: Every key of the entry's ``config_keys``.
+      labels: ``"manifold"``/``"euclidean"`` tree (or label function).
+      schedule: Turns a base learning rate into a schedule (default: constant).
+      decay: Per-leaf decay tree (:func:`decay_tree`), or ``None`` for none.
+
+    Returns:
+      A :class:`optax.GradientTransformation`.
+    """
+    entry = lookup(name)
+    fargs = {k: hyper[k] for k in entry.hyper}
+    has_decay = decay is not None and any(d != 0 for d in jax.tree.leaves(decay))
+    if entry.decay == "decoupled":
+        fargs["decay"] = (
+            decay if decay is not None else jax.tree.map(lambda _: 0.0, labels)
+        )
+    lr = schedule(hyper["lr"])
+    if entry.companion == "none":
+        main = entry.factory(lr, **fargs)
+    elif entry.companion == "elementwise":
+        main = riemax.hybrid(
+            entry.factory(lr, **fargs),
+            entry.factory(lr, **fargs, channel_axes=None),
+            labels,
+        )
+    else:
+        euclidean = _sgd(lr, momentum=hyper["momentum"], nesterov=hyper["nesterov"])
+        main = riemax.hybrid(
+            entry.factory(schedule(hyper["lr_manifold"]), **fargs), euclidean, labels
+        )
+    if entry.decay == "coupled" and has_decay:
+        return optax.chain(add_decay(decay), main)
+    return main
+
+
+def group_decays(name: str, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """The per-group decay of a config (``None`` values take the entry's
+    defaults): ``weight_decay`` for Euclidean kernels; ``manifold_decay`` 0 on the
+    sphere, else ``weight_decay``; biases and BatchNorm parameters
+    ``weight_decay`` if the entry decays all groups, else 0."""
+    entry = lookup(name)
+    wd = cfg.get("weight_decay")
+    if wd is None:
+        wd = DEFAULT_WEIGHT_DECAY.get(name, WEIGHT_DECAY)
+    rest = wd if entry.decay_all else 0.0
+
+    def pick(key, default):
+        value = cfg.get(key)
+        return float(default if value is None else value)
+
+    manifold = pick("manifold_decay", 0.0 if entry.sphere else wd)
+    if entry.sphere and manifold != 0:
+        raise ValueError(
+            f"manifold_decay must be 0 for {name!r}: its manifold kernels have unit "
+            "norm, weight decay does not apply"
+        )
+    return {
+        "manifold": manifold,
+        "kernel": float(wd),
+        "bias": pick("bias_decay", rest),
+        "gamma": pick("gamma_decay", rest),
+        "beta": pick("beta_decay", rest),
+    }
