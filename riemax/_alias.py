@@ -137,6 +137,20 @@ def adamg(
     )
 
 
+def _decayed(
+    owner: str,
+    weight_decay: float,
+    channel_axes: Sequence[int] | None,
+    step: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """``chain(add_decayed_weights(weight_decay), step)`` with its leaves checked
+    first (any rank), so a bad leaf is named before optax meets it."""
+    check_number(owner, "weight_decay", weight_decay)
+    check_channel_axes(owner, channel_axes)
+    chain = optax.chain(optax.add_decayed_weights(weight_decay), step)
+    return validated(owner, chain, units=False, channel_axes=channel_axes)
+
+
 def adamsrt(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -181,24 +195,10 @@ def adamsrt(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    check_number("adamsrt", "weight_decay", weight_decay)
-    check_channel_axes("adamsrt", channel_axes)
-    return validated(
-        "adamsrt",
-        optax.chain(
-            optax.add_decayed_weights(weight_decay),
-            scale_by_adams(
-                learning_rate,
-                b1,
-                b2,
-                eps,
-                channel_axes=channel_axes,
-                transport=transport,
-            ),
-        ),
-        units=False,
-        channel_axes=channel_axes,
+    step = scale_by_adams(
+        learning_rate, b1, b2, eps, channel_axes=channel_axes, transport=transport
     )
+    return _decayed("adamsrt", weight_decay, channel_axes, step)
 
 
 def adams(
@@ -285,17 +285,8 @@ def sgdmrt(
       Roburin, de Mont-Marin et al., `Spherical perspective on learning with
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
-    check_number("sgdmrt", "weight_decay", weight_decay)
-    check_channel_axes("sgdmrt", channel_axes)
-    return validated(
-        "sgdmrt",
-        optax.chain(
-            optax.add_decayed_weights(weight_decay),
-            scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes),
-        ),
-        units=False,
-        channel_axes=channel_axes,
-    )
+    step = scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes)
+    return _decayed("sgdmrt", weight_decay, channel_axes, step)
 
 
 def hybrid(

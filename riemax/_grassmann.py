@@ -94,6 +94,29 @@ def check_momentum(owner: str, momentum: Any) -> None:
     check_number(owner, "momentum", momentum, low=0.0, high=1.0)
 
 
+def adam_init(
+    owner: str, state: Any, b1: Any, b2: Any, eps: Any, unit_eps: Any, mu_dtype: Any
+) -> Any:
+    """Checks Adam-G's arguments and returns the ``init`` of ``state`` (count, an
+    element-wise first moment, one second moment per unit); shared by
+    :func:`spherical_adam` and the one-pass :func:`riemax.scale_by_adamg`."""
+    check_rate(owner, "b1", b1)
+    check_rate(owner, "b2", b2)
+    check_number(owner, "eps", eps)
+    check_unit_eps(owner, unit_eps)
+    check_dtype(owner, "mu_dtype", mu_dtype)
+
+    def init_fn(params):
+        check_params(owner, params, units=True)
+        return state(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros_like_state(params, mu_dtype),
+            nu=zeros_per_unit(params),
+        )
+
+    return init_fn
+
+
 def stored_form(x, alpha, theta, y):
     """The carried form ``a x + b alpha y`` of a tangent ``x = alpha e`` stepped by
     ``theta`` along ``e`` (:func:`riemax.sphere.carry_coefficients`)."""
@@ -334,29 +357,17 @@ def spherical_adam(
       >>> tx = riemax.spherical_adam(learning_rate=0.05)
       >>> state = tx.init(w)
       >>> step, state = tx.update(jnp.array([[0.0], [0.1]]), state, w)
-      >>> step.ravel().round(4), state.nu.shape
-      (Array([ 0.    , -0.0707], dtype=float32), (1, 1))
+      >>> float(step[1, 0]), state.nu.shape  # the first step turns by lr
+      (-0.05, (1, 1))
 
     References:
       Cho and Lee, `Riemannian approach to batch normalization
       <https://arxiv.org/abs/1709.09603>`_, 2017 (Algorithm 2)
     """
     owner = "spherical_adam"
-    check_rate(owner, "b1", b1)
-    check_rate(owner, "b2", b2)
-    check_number(owner, "eps", eps)
     if learning_rate is not None:
         check_learning_rate(owner, learning_rate)
-    check_unit_eps(owner, unit_eps)
-    check_dtype(owner, "mu_dtype", mu_dtype)
-
-    def init_fn(params):
-        check_params(owner, params, units=True)
-        return SphericalAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=zeros_like_state(params, mu_dtype),
-            nu=zeros_per_unit(params),
-        )
+    init_fn = adam_init(owner, SphericalAdamState, b1, b2, eps, unit_eps, mu_dtype)
 
     def update_fn(updates, state, params=None):
         need_params(owner, params)

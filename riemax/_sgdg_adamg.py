@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from riemax import _sphere as sphere
-from riemax._grassmann import check_momentum, check_unit_eps
+from riemax._grassmann import adam_init, check_momentum, check_unit_eps
 from riemax._numerics import (
     Gram,
     exponent,
@@ -55,13 +55,11 @@ from riemax._unitwise import (
     check_learning_rate,
     check_number,
     check_params,
-    check_rate,
     leaf_map,
     need_params,
     schedule_value,
     unzip,
     zeros_like_state,
-    zeros_per_unit,
 )
 
 
@@ -256,13 +254,12 @@ def scale_by_sgdg(
             c_h = -lr * p.sigma
             # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
             e, _, _, n = _combine(p, c_tau, c_h)
-            cos, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
-            a, b = sphere.carry_coefficients(theta)
-            # Stored: rho (a d + b theta y). Update: (sinc(theta) / a) S
-            # + (cos(theta) - rho b sin(theta) / a) y - w, with sinc(theta) S =
-            # (sin(theta) / n) (S 2**-e).
+            _, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
+            a, b, c_y = sphere.step_coefficients(theta, rho)
+            # x = rho d, alpha = rho theta. Stored: rho (a d + b theta y). Update:
+            # (sinc(theta) / a) S + c_y y - w, sinc(theta) S = (sin(theta)/n) S 2**-e.
             stored = (rho * a * c_tau, rho * a * c_h, rho * b * theta)
-            update = (sin_n / a, e, cos - rho * b * jnp.sin(theta) / a)
+            update = (sin_n / a, e, c_y)
             # Zero units: the Euclidean step d = c_h g~, stored as it is.
             stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
             update = (jnp.where(p.live, update[0], 1.0), update[1], update[2])
@@ -337,20 +334,8 @@ def scale_by_adamg(
     """
     owner = "scale_by_adamg"
     check_learning_rate(owner, learning_rate)
-    check_rate(owner, "b1", b1)
-    check_rate(owner, "b2", b2)
-    check_number(owner, "eps", eps)
     check_number(owner, "grad_clip", grad_clip, allow_none=True)
-    check_unit_eps(owner, unit_eps)
-    check_dtype(owner, "mu_dtype", mu_dtype)
-
-    def init_fn(params):
-        check_params(owner, params, units=True)
-        return ScaleByAdamgState(
-            count=jnp.zeros([], jnp.int32),
-            mu=zeros_like_state(params, mu_dtype),
-            nu=zeros_per_unit(params),
-        )
+    init_fn = adam_init(owner, ScaleByAdamgState, b1, b2, eps, unit_eps, mu_dtype)
 
     def update_fn(updates, state, params=None):
         need_params(owner, params)
@@ -368,16 +353,16 @@ def scale_by_adamg(
             c_h = (1 - b1) * p.sigma
             # m_new = b1 tau + (1 - b1) h_hat = 2**e m_hat, |m_hat| = n
             e, _, _, n = _combine(p, c_tau, c_h)
-            cos, sin_n, theta, rho = sphere.exp_coefficients(
+            _, sin_n, theta, rho = sphere.exp_coefficients(
                 jnp.abs(scale) * n, e, unit_eps
             )
-            a, b = sphere.carry_coefficients(theta)
+            a, b, c_y = sphere.step_coefficients(theta, rho)
             norm_m = jnp.minimum(unscaled(n, e), jnp.finfo(n.dtype).max)
             alpha = jnp.where(scale < 0, -1.0, 1.0) * norm_m  # delta = scale m_new
-            # Stored: a m + b alpha y. Update: (rho D scale / a) (S 2**-e)
-            # + (cos(theta) - rho b sin(theta) / a) y - w, D = sin(theta) / |delta_hat|.
+            # x = m. Stored: a m + b alpha y. Update: (rho D scale / a) (S 2**-e)
+            # + c_y y - w, with D = sin(theta) / |delta_hat|.
             stored = (a * c_tau, a * c_h, b * alpha)
-            update = (rho * sin_n * scale / a, e, cos - rho * b * jnp.sin(theta) / a)
+            update = (rho * sin_n * scale / a, e, c_y)
             stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
             # Zero units: the Euclidean step scale * m_new with S = m_new.
             update = (jnp.where(p.live, update[0], scale), update[1], update[2])

@@ -259,6 +259,36 @@ def carry_coefficients(theta: jax.Array) -> tuple[jax.Array, jax.Array]:
     return c + sign * s * s, -s * (1 - jnp.abs(c))
 
 
+def step_coefficients(
+    theta: jax.Array, rho: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""The carried form and the exponential map of one step, per unit.
+
+    For a tangent :math:`x = \alpha e` and a step of angle :math:`\theta` along
+    :math:`e` taken as :math:`\mathrm{Exp}_y = \cos\theta\, y + \rho\sin\theta\, e`
+    (:func:`exp_coefficients`), with :math:`S = a x + b \alpha y` the stored form
+    (:func:`carry_coefficients`):
+
+    .. math::
+      \mathrm{Exp}_y = \frac{\rho \sin\theta}{a \alpha}\, S + c\, y,
+      \qquad c = \cos\theta - \frac{\rho\, b \sin\theta}{a}
+
+    so a step can write the new point from ``S`` and ``y`` alone.
+
+    Returns:
+      ``(a, b, c)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from riemax import sphere
+      >>> a, b, c = sphere.step_coefficients(jnp.array(jnp.pi / 2), 1.0)
+      >>> float(a), float(b), round(float(c), 6)
+      (1.0, -1.0, 1.0)
+    """
+    a, b = carry_coefficients(theta)
+    return a, b, jnp.cos(theta) - rho * b * jnp.sin(theta) / a
+
+
 def carry_kept(projected_norm: jax.Array, stored_norm: jax.Array) -> jax.Array:
     """Whether a stored vector was carried here (see :func:`carry`).
 

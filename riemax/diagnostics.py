@@ -250,7 +250,7 @@ def _stats(values: list[jax.Array], prefix: str) -> dict[str, jax.Array]:
     if not values:
         return {}
     count = sum(v.size for v in values)
-    total = sum(jnp.sum(v) for v in values)
+    total = jnp.sum(jnp.stack([jnp.sum(v) for v in values]))
     return {
         f"{prefix}mean": total / count,
         f"{prefix}min": jnp.min(jnp.stack([jnp.min(v) for v in values])),
@@ -300,7 +300,7 @@ def summary(tree: Any, labels: Any = None, prefix: str = "") -> dict[str, jax.Ar
     if labels is None:
         return out
     names, label_structure = jax.tree.flatten(labels)
-    if label_structure != structure:
+    if label_structure != structure:  # type: ignore[operator]  # no PyTreeDef stub
         raise ValueError(
             "summary: labels must have the structure of the params the diagnostic "
             f"was computed from; got {label_structure} for {structure}."

@@ -175,7 +175,10 @@ def test_adamg_capped_without_cap_is_riemax_adamg(composed):
             10,
             jnp.float64,
         )
-    assert max_abs_diff(got, want) < 1e-12
+    # riemax.adamg carries m exactly along the step it takes; the composed chain,
+    # which does not know the step when it stores m, restores the norm of m's
+    # projection. The two agree up to the originals' unit_eps (1e-8).
+    assert max_abs_diff(got, want) < 1e-7
 
 
 def test_adamg_capped_caps_every_step_and_matches_a_reference(composed):
@@ -213,3 +216,14 @@ def test_adamg_capped_caps_every_step_and_matches_a_reference(composed):
     assert max_abs_diff(got, reference(True)) < 1e-6  # unit_eps terms, as test_parity
     # the check can tell: with m left untransported the run ends ~1e-3 away
     assert max_abs_diff(got, reference(False)) > 1e-4
+
+
+def test_where_things_live_names_every_module_and_only_existing_files():
+    text = README.read_text()
+    section = text[text.index("## Where things live") :]
+    section = section[: section.index("\n## ", 3)]
+    named = set(re.findall(r"`(?:riemax/)?(_?[a-z_]+\.py)`", section))
+    package = README.parent / "riemax"
+    modules = {p.name for p in package.glob("*.py")} - {"__init__.py"}
+    assert modules <= named, sorted(modules - named)
+    assert named <= modules | {"helpers.py"}, sorted(named - modules)
