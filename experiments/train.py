@@ -13,7 +13,9 @@ One call trains one config (:mod:`experiments.config`) in one workdir:
    ``jax.pmap`` (default; gradients and, unless ``bn_per_device``, BatchNorm
    statistics averaged over the devices) or one ``jax.jit`` over a 1-D
    ``NamedSharding`` mesh (``parallel=sharded``). The data of a step, its
-   augmentation and its dropout are functions of ``(seed, step)``;
+   augmentation and its dropout are functions of ``(seed, step)``; crops and
+   flips are drawn per example for the global batch, so they do not depend on the
+   device layout, dropout masks do (pmap draws them per device);
 4. log one JSON line per ``log_every`` steps (train) and per evaluation (test,
    val), checkpoint every ``checkpoint_every`` steps and at the end, stop with
    :class:`TrainingDiverged` when the loss is not finite.
