@@ -250,9 +250,12 @@ def carry_coefficients(theta: jax.Array) -> tuple[jax.Array, jax.Array]:
     Examples:
       >>> import jax.numpy as jnp
       >>> from riemax import sphere
-      >>> a, b = sphere.carry_coefficients(jnp.array([0.0, jnp.pi / 2, jnp.pi]))
-      >>> a.round(6), b.round(6)
-      (Array([ 1.,  1., -1.], dtype=float32), Array([-0., -1., -0.], dtype=float32))
+      >>> theta = jnp.array([0.0, 1.0, jnp.pi / 2, 3.0, 5.0])
+      >>> a, b = sphere.carry_coefficients(theta)
+      >>> (a * jnp.cos(theta) - b * jnp.sin(theta)).round(6)  # always 1
+      Array([1., 1., 1., 1., 1.], dtype=float32)
+      >>> bool(jnp.all((jnp.abs(a) >= 1) & (jnp.abs(a) <= 1.25) & (jnp.abs(b) <= 1)))
+      True
     """
     c, s = jnp.cos(theta), jnp.sin(theta)
     sign = jnp.where(c < 0, -1.0, 1.0)
@@ -281,9 +284,13 @@ def step_coefficients(
     Examples:
       >>> import jax.numpy as jnp
       >>> from riemax import sphere
-      >>> a, b, c = sphere.step_coefficients(jnp.array(jnp.pi / 2), 1.0)
-      >>> float(a), float(b), round(float(c), 6)
-      (1.0, -1.0, 1.0)
+      >>> theta, alpha = jnp.array(1.2), 0.5
+      >>> y, e = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
+      >>> a, b, c = sphere.step_coefficients(theta, 1.0)
+      >>> s = a * alpha * e + b * alpha * y  # the stored form of x = alpha e
+      >>> new = jnp.sin(theta) / (a * alpha) * s + c * y
+      >>> bool(jnp.allclose(new, jnp.cos(theta) * y + jnp.sin(theta) * e))
+      True
     """
     a, b = carry_coefficients(theta)
     return a, b, jnp.cos(theta) - rho * b * jnp.sin(theta) / a
@@ -321,7 +328,7 @@ def carry(y: jax.Array, s: jax.Array) -> jax.Array:
       >>> a, b = sphere.carry_coefficients(theta)
       >>> x = jnp.array([[0.0], [0.3], [0.0]])  # 0.3 * e2, parallel to the step
       >>> s = a * x + b * 0.3 * jnp.array([[1.0], [0.0], [0.0]])
-      >>> sphere.carry(jnp.array([[0.0], [1.0], [0.0]]), s).ravel()  # 0.3 * (-e1)
+      >>> sphere.carry(jnp.array([[0.0], [1.0], [0.0]]), s).ravel().round(6)  # -0.3 e1
       Array([-0.3,  0. ,  0. ], dtype=float32)
     """
     p = project(y, s)
@@ -388,8 +395,8 @@ def adamg_scale(
     Examples:
       >>> import jax.numpy as jnp
       >>> from riemax import sphere
-      >>> v = jnp.array([0.01 * 4.0 / 4])  # first step, ||h||^2 = 4 over 4 elements
-      >>> float(sphere.adamg_scale(v, 4, jnp.array(1), 0.9, 0.99, 0.0))  # 1/(0.1*2)
+      >>> v = jnp.array(0.01 * 4.0 / 4)  # first step, ||h||^2 = 4 over 4 elements
+      >>> round(float(sphere.adamg_scale(v, 4, jnp.array(1), 0.9, 0.99, 0.0)), 4)  # 1/0.2
       5.0
     """
     t = count.astype(v.dtype)
