@@ -396,7 +396,7 @@ def adamg_scale(
       >>> import jax.numpy as jnp
       >>> from riemax import sphere
       >>> v = jnp.array(0.01 * 4.0 / 4)  # first step, ||h||^2 = 4 over 4 elements
-      >>> round(float(sphere.adamg_scale(v, 4, jnp.array(1), 0.9, 0.99, 0.0)), 4)  # 1/0.2
+      >>> round(float(sphere.adamg_scale(v, 4, jnp.array(1), 0.9, 0.99, 0.0)), 4)
       5.0
     """
     t = count.astype(v.dtype)
