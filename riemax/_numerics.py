@@ -138,10 +138,10 @@ class Gram(NamedTuple):
     """Per-group inner products of arrays scaled by powers of two.
 
     ``values[i]`` is :math:`\\langle x_p 2^{-E_p}, x_q 2^{-E_q}\\rangle` for the
-    ``i``-th pair ``(p, q)``, and ``exps[p]`` is ``E_p``, chosen per group so that
-    the largest element of every scaled array has magnitude in ``[0.5, 1)``. All
-    values are therefore at most the group size, whatever the magnitudes of the
-    arrays; true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
+    ``i``-th pair ``(p, q)``, and ``exps[p]`` is ``E_p``, a power of two per group
+    that brings the scaled array to norm about 1 (or its largest element below 1):
+    all values are at most the group size, whatever the magnitudes of the arrays;
+    true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
     """
 
     values: tuple[jax.Array, ...]
@@ -158,23 +158,17 @@ CPU_BLOCK_ELEMENTS = 1 << 19
 
 
 def _stats(mats, pairs):
-    """Column sums of the pair products and column max-abs of every matrix."""
-    sums = tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
-    maxes = tuple(jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats)
-    return sums + maxes
+    """Column sums of the pair products."""
+    return tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
 
 
 def _blocked_stats(*mats, pairs, block):
     """:func:`_stats` in one pass over memory: row blocks in a ``fori_loop``."""
     rows = mats[0].shape[0]
     count, rest = divmod(rows, block)
-    n_sums = len(pairs)
 
     def merge(acc, part):
-        return tuple(
-            a + s if i < n_sums else jnp.maximum(a, s)
-            for i, (a, s) in enumerate(zip(acc, part, strict=True))
-        )
+        return tuple(a + s for a, s in zip(acc, part, strict=True))
 
     def body(i, acc):
         part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
@@ -183,7 +177,7 @@ def _blocked_stats(*mats, pairs, block):
     zeros = tuple(
         jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
         for p, q in pairs
-    ) + tuple(jnp.zeros(m.shape[1:], m.dtype) for m in mats)
+    )
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
         acc = merge(acc, _stats([m[count * block :] for m in mats], pairs))
@@ -191,7 +185,7 @@ def _blocked_stats(*mats, pairs, block):
 
 
 def _one_pass(mats, pairs):
-    """Sums and max-abs per column, in a single pass over memory where it matters.
+    """Column sums of the pair products, in a single pass over memory.
 
     XLA's CPU backend runs every reduction as its own pass over memory, so large
     matrices are walked in cache-sized row blocks there; other backends merge
@@ -221,6 +215,8 @@ def gram(
     arrays: Sequence[jax.Array],
     pairs: Sequence[tuple[int, int]],
     axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
 ) -> Gram:
     """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``.
 
@@ -228,12 +224,18 @@ def gram(
     axes (sorted; ``unit_axes(ndim)`` for one group per output unit). Results have
     the shape of a per-group quantity (:func:`kept_shape`).
 
-    One pass over memory computes the plain inner products and the largest
-    magnitude of every array in every group. When those magnitudes are in a range
-    where no product or sum can overflow or underflow, the scaled values follow
-    exactly from the plain ones (a multiplication by powers of two). Otherwise, a
-    rarely taken branch (:func:`jax.lax.cond`) sums the products of the scaled
-    arrays.
+    One pass over memory computes the plain inner products (and every array's
+    squared norm). Where each squared norm is finite and far above the smallest
+    normal number, the plain sums are accurate, and the scaled values, with
+    ``E_p`` the exponent of ``||x_p||``, follow from them exactly (a multiplication
+    by powers of two). Otherwise a rarely taken branch (:func:`jax.lax.cond`)
+    scales every array by the exponent of its largest magnitude and sums again.
+
+    A group whose squared norm is exactly zero counts as zero, except for the
+    arrays in ``verify_zero`` (default: all), for which the exact branch tells a
+    true zero from a group whose every square underflows (magnitudes below about
+    ``1e-19`` in float32). Other arrays' groups of such magnitudes count as zero:
+    their contribution is below float32 resolution next to any other term.
     """
     axes = tuple(axes)
     shape, dtype = arrays[0].shape, arrays[0].dtype
@@ -241,42 +243,49 @@ def gram(
     if not axes:  # one element per group: products cannot be rescaled usefully
         values = tuple(arrays[p] * arrays[q] for p, q in pairs)
         return Gram(values, tuple(jnp.zeros(shape, jnp.int32) for _ in arrays))
+    count = len(arrays)
+    diagonal = {p: i for i, (p, q) in enumerate(pairs) if p == q}
+    missing = [p for p in range(count) if p not in diagonal]
+    all_pairs = tuple(pairs) + tuple((p, p) for p in missing)
+    diagonal.update({p: len(pairs) + k for k, p in enumerate(missing)})
     mats = [_as_matrix(a, axes) for a in arrays]
-    stats = _one_pass(mats, pairs)
-    sums, maxes = stats[: len(pairs)], stats[len(pairs) :]
-    exps = tuple(exponent(m) for m in maxes)
-    # Plain sums are exact enough when every group's largest magnitude M satisfies
-    # n * M**2 < 2**(maxexp - 2) and M**2 is far above the smallest normal number.
+    sums = _one_pass(mats, all_pairs)
+    squares = [jax.lax.stop_gradient(sums[diagonal[p]]) for p in range(count)]
     info = jnp.finfo(dtype)
-    n = max(mats[0].shape[0], 1)
-    hi = (int(info.maxexp) - 2 - math.ceil(math.log2(n))) // 2
-    lo = (int(info.minexp) + info.nmant + 1) // 2
-    in_range = [
-        (m == 0) | ((e >= lo) & (e <= hi)) for m, e in zip(maxes, exps, strict=True)
-    ]
-    safe = jnp.all(jnp.stack([jnp.all(r) for r in in_range])) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums])
-    )
-    factors = [pow2(-e, dtype) for e in exps]
+    floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
+    verify = range(count) if verify_zero is None else tuple(verify_zero)
+    checks = [jnp.all(jnp.isfinite(x)) for x in sums]
+    for p, sq in enumerate(squares):
+        zero_ok = (sq == 0) & (p not in verify)
+        checks.append(jnp.all((sq >= floor) | zero_ok))
+    safe = jnp.all(jnp.stack(checks))
 
     def from_plain(_):
-        return tuple(
-            s * factors[p] * factors[q] for s, (p, q) in zip(sums, pairs, strict=True)
-        )
+        exps = [exponent(safe_sqrt(sq)) for sq in squares]
+        factors = [pow2(-e, dtype) for e in exps]
+        values = [sums[i] * factors[p] * factors[q] for i, (p, q) in enumerate(pairs)]
+        return tuple(values), tuple(exps)
 
     def rescaled(_):
-        scaled_mats = [m * f for m, f in zip(mats, factors, strict=True)]
-        return _one_pass(scaled_mats, pairs)[: len(pairs)]
+        maxes = [jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats]
+        exps = [exponent(jax.lax.stop_gradient(m)) for m in maxes]
+        scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
+        return _one_pass(scaled_mats, tuple(pairs)), tuple(exps)
 
-    values = jax.lax.cond(safe, from_plain, rescaled, None)
+    values, exps = jax.lax.cond(safe, from_plain, rescaled, None)
     return Gram(
         tuple(v.reshape(keep) for v in values), tuple(e.reshape(keep) for e in exps)
     )
 
 
-def unit_gram(arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]) -> Gram:
+def unit_gram(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int]],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Gram:
     """:func:`gram` with one group per output unit (all axes but the last)."""
-    return gram(arrays, pairs, unit_axes(arrays[0].ndim))
+    return gram(arrays, pairs, unit_axes(arrays[0].ndim), verify_zero=verify_zero)
 
 
 # -------------------------------------------------------------- zero-safe primitives

@@ -111,7 +111,7 @@ class _Parts(NamedTuple):
 
 
 def _parts(w, g, s, unit_eps, max_norm) -> _Parts:
-    gr = unit_gram((w, g, s), _PAIRS)
+    gr = unit_gram((w, g, s), _PAIRS, verify_zero=(0,))
     ww, wg, ws, ss, gs, gg = gr.values
     e_w, e_g, e_s = gr.exps
     n_w = safe_sqrt(ww)
@@ -178,8 +178,13 @@ def _write(p: _Parts, w, g, s, stored, update):
     a_s, a_g, a_w, r_w, r_g, r_s, f, r_new, c = per_unit(
         a_s, a_h, a_w, r_w, r_g, r_s, f, r_new, c
     )
-    new = a_s * (s * r_s) + a_g * (g * r_g) + a_w * (w * r_w)
-    return f * (new * r_new) + c * (w * r_w) - w, new
+    # The factors are powers of two, so folding one into its coefficient changes
+    # nothing unless the product underflows. That loses a term only where the array
+    # is huge, which the gradient and the new state can be (a clipped 1e38
+    # gradient has a coefficient near 1e-39; so has a state of 1e38 in the
+    # update): those are scaled first, the others folded.
+    new = (a_s * r_s) * s + a_g * (g * r_g) + (a_w * r_w) * w
+    return f * (new * r_new) + (c * r_w - 1) * w, new
 
 
 def scale_by_sgdg(
