@@ -349,3 +349,31 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
     once = jnp.sum(jnp.where(first, stacked[None], 0), axis=0)
     return tuple(once[i] for i in range(len(coefficients)))
+
+
+def root_ema(r: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
+    r"""The root of an exponential moving average of squares, kept as a root.
+
+    Returns :math:`\sqrt{\rho\, r^2 + (1 - \rho)\, x^2}` for ``r, x >= 0``: with
+    ``r`` the stored root of the average and ``x`` the new magnitude (a norm or
+    a root mean square). Both are scaled by the power of two of the larger before
+    squaring, so the result is finite and accurate wherever it is representable,
+    even where ``r**2`` or ``x**2`` would overflow or underflow.
+    """
+    e = exponent(jnp.maximum(r, x))
+    f = pow2(-e, r.dtype)
+    rs, xs = r * f, x * f
+    return unscaled(safe_sqrt(decay * rs * rs + (1 - decay) * xs * xs), e)
+
+
+def centered(x: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Returns ``((x - mean(x)) * 2**-e, e)`` per group (mean over ``axes``).
+
+    ``e`` is the group's scaling exponent (:func:`exponent` of its largest
+    magnitude), so the centred array is finite for any finite ``x``; its true
+    value is ``unscaled(result, e)``.
+    """
+    axes = tuple(axes)
+    e = exponent(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    xs = scaled(x, e)
+    return xs - jnp.mean(xs, axis=axes, keepdims=True), e
