@@ -208,7 +208,7 @@ def _adamp_leaf(
     v = b2 * v + (1 - b2) * g * g
     t = count.astype(m.dtype)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
-    den = jnp.sqrt(v) / jnp.sqrt(bc2) + eps
+    den = safe_sqrt(v) / jnp.sqrt(bc2) + eps  # gradient 0, not NaN, at v = 0
     d = (b1 * m + (1 - b1) * g if nesterov else m) / den
     proj = _projection(w_acc, g, d, eps=eps, delta=delta, wd_ratio=wd_ratio, mode=mode)
     d, ratio, branch = _project(d, w_acc, proj)
