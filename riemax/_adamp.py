@@ -248,12 +248,11 @@ def _check_common(owner, weight_decay, eps, delta, wd_ratio, scale_invariant):
     check_number(owner, "eps", eps)
     check_number(owner, "delta", delta)
     check_number(owner, "wd_ratio", wd_ratio)
-    if not (scale_invariant is None or callable(scale_invariant)):
-        if isinstance(scale_invariant, (bool, int, float)):
-            raise TypeError(
-                f"riemax.{owner}: scale_invariant must be None, a label tree or a "
-                f"callable params -> label tree, got {scale_invariant!r}."
-            )
+    if isinstance(scale_invariant, (bool, int, float)):
+        raise TypeError(
+            f"riemax.{owner}: scale_invariant must be None, a label tree or a "
+            f"callable params -> label tree, got {scale_invariant!r}."
+        )
 
 
 def _modes(owner, params, scale_invariant):

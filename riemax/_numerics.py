@@ -142,6 +142,8 @@ class Gram(NamedTuple):
     the largest element of every scaled array has magnitude in ``[0.5, 1)``. All
     values are therefore at most the group size, whatever the magnitudes of the
     arrays; true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
+    A pair ``(p, None)`` is the plain sum :math:`\\sum x_p 2^{-E_p}` (true value
+    ``unscaled(values[i], exps[p])``).
     """
 
     values: tuple[jax.Array, ...]
@@ -157,9 +159,14 @@ class Gram(NamedTuple):
 CPU_BLOCK_ELEMENTS = 1 << 19
 
 
+def _product(mats, p, q):
+    return mats[p] if q is None else mats[p] * mats[q]
+
+
 def _stats(mats, pairs):
-    """Column sums of the pair products and column max-abs of every matrix."""
-    sums = tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
+    """Column sums of the pair products (of the matrix itself for ``(p, None)``)
+    and column max-abs of every matrix."""
+    sums = tuple(jnp.sum(_product(mats, p, q), axis=0) for p, q in pairs)
     maxes = tuple(jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats)
     return sums + maxes
 
@@ -181,8 +188,7 @@ def _blocked_stats(*mats, pairs, block):
         return merge(acc, _stats(part, pairs))
 
     zeros = tuple(
-        jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
-        for p, q in pairs
+        jnp.zeros(mats[0].shape[1:], _product(mats, p, q).dtype) for p, q in pairs
     ) + tuple(jnp.zeros(m.shape[1:], m.dtype) for m in mats)
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
@@ -219,10 +225,11 @@ def _as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 def gram(
     arrays: Sequence[jax.Array],
-    pairs: Sequence[tuple[int, int]],
+    pairs: Sequence[tuple[int, int | None]],
     axes: Sequence[int],
 ) -> Gram:
-    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``.
+    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``
+    (and plain sums of ``arrays[p]`` for pairs ``(p, None)``).
 
     All arrays share one shape and one floating dtype; ``axes`` are the reduced
     axes (sorted; ``unit_axes(ndim)`` for one group per output unit). Results have
@@ -239,7 +246,7 @@ def gram(
     shape, dtype = arrays[0].shape, arrays[0].dtype
     keep = kept_shape(shape, axes)
     if not axes:  # one element per group: products cannot be rescaled usefully
-        values = tuple(arrays[p] * arrays[q] for p, q in pairs)
+        values = tuple(_product(arrays, p, q) for p, q in pairs)
         return Gram(values, tuple(jnp.zeros(shape, jnp.int32) for _ in arrays))
     mats = [_as_matrix(a, axes) for a in arrays]
     stats = _one_pass(mats, pairs)
@@ -260,8 +267,10 @@ def gram(
     factors = [pow2(-e, dtype) for e in exps]
 
     def from_plain(_):
+        # (A plain sum of one array is at most n * M: in range wherever n * M**2 is.)
         return tuple(
-            s * factors[p] * factors[q] for s, (p, q) in zip(sums, pairs, strict=True)
+            s * factors[p] * (1 if q is None else factors[q])
+            for s, (p, q) in zip(sums, pairs, strict=True)
         )
 
     def rescaled(_):
@@ -274,7 +283,9 @@ def gram(
     )
 
 
-def unit_gram(arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]) -> Gram:
+def unit_gram(
+    arrays: Sequence[jax.Array], pairs: Sequence[tuple[int, int | None]]
+) -> Gram:
     """:func:`gram` with one group per output unit (all axes but the last)."""
     return gram(arrays, pairs, unit_axes(arrays[0].ndim))
 

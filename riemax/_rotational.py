@@ -97,10 +97,8 @@ def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
     n = group_size(p.shape, axes)
     dtype = p.dtype
     if zero_mean:
-        ones = jnp.ones_like(p)
-        gr = unit_gram((p, u, ones), ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2)))
-        pp, pu, uu, p1, u1 = gr.values
-        sum_p, sum_u = unscaled(p1, gr.exps[2]), unscaled(u1, gr.exps[2])
+        gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1), (0, None), (1, None)))
+        pp, pu, uu, sum_p, sum_u = gr.values
     else:
         gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1)))
         pp, pu, uu = gr.values

@@ -584,6 +584,36 @@ def test_center_units_keeps_norms_and_respects_labels():
     np.testing.assert_array_equal(only["conv"], out["conv"])
 
 
+@pytest.mark.parametrize("block", [1 << 19, 64])
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_gram_plain_sums_in_the_same_pass(monkeypatch, block, scale):
+    """Pairs ``(p, None)`` of the Gram pass are the per-unit sums of array ``p``
+    on its scale (the wrapper's centring), exact at any magnitude and in blocks."""
+    from riemax import _numerics
+
+    monkeypatch.setattr(_numerics, "CPU_BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((701, 24)) * scale + 0.3 * scale
+    b = rng.standard_normal((701, 24))
+    pairs = ((0, None), (1, None), (0, 1))
+    got = jax.jit(lambda x, y: _numerics.unit_gram((x, y), pairs))(
+        jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    )
+    exps = [np.asarray(e, np.float64) for e in got.exps]
+    true = [
+        np.asarray(got.values[0], np.float64) * 2.0 ** exps[0],
+        np.asarray(got.values[1], np.float64) * 2.0 ** exps[1],
+        np.asarray(got.values[2], np.float64) * 2.0 ** (exps[0] + exps[1]),
+    ]
+    want = [
+        a.sum(0, keepdims=True),
+        b.sum(0, keepdims=True),
+        (a * b).sum(0, keepdims=True),
+    ]
+    for x, y in zip(true, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * np.abs(y).max())
+
+
 # ------------------------------------------------------------- input checks
 
 
