@@ -7,6 +7,14 @@ units on the unit sphere with composable :class:`optax.GradientTransformation`\\
 
 from riemax import _sphere as sphere
 from riemax import diagnostics
+from riemax._adamp import (
+    ScaleByAdampState,
+    ScaleBySgdpState,
+    adamp,
+    scale_by_adamp,
+    scale_by_sgdp,
+    sgdp,
+)
 from riemax._adamsrt import (
     ScaleByAdamsState,
     ScaleBySgdmrtState,
@@ -37,6 +45,13 @@ from riemax._labels import (
 )
 from riemax._labels_numerical import labels_by_invariance
 from riemax._labels_structural import labels_from_model
+from riemax._nero import ScaleByNeroState, nero, nero_project, scale_by_nero
+from riemax._rotational import (
+    RotationalState,
+    center_units,
+    equilibrium_rate,
+    rotational,
+)
 from riemax._sgdg_adamg import (
     ScaleByAdamgState,
     ScaleBySgdgState,
@@ -58,10 +73,14 @@ __all__ = [
     "AdamgUpdateState",
     "EUCLIDEAN",
     "MANIFOLD",
+    "RotationalState",
     "ScaleByAdamgState",
+    "ScaleByAdampState",
     "ScaleByAdamsState",
+    "ScaleByNeroState",
     "ScaleBySgdgState",
     "ScaleBySgdmrtState",
+    "ScaleBySgdpState",
     "SgdMRTState",
     "SgdgUpdateState",
     "SphericalAdamState",
@@ -69,13 +88,16 @@ __all__ = [
     "__version__",
     "adamg",
     "adamg_update",
+    "adamp",
     "adams",
     "adamsrt",
     "apply_enorm",
+    "center_units",
     "check_labels",
     "clip_tangent_norm",
     "diagnostics",
     "enorm_cycle",
+    "equilibrium_rate",
     "exp_map_update",
     "grassmann_project",
     "hybrid",
@@ -85,15 +107,22 @@ __all__ = [
     "labels_by_regex",
     "labels_by_rule",
     "labels_from_model",
+    "nero",
+    "nero_project",
     "ortho_penalty",
     "orthogonality_loss",
+    "rotational",
     "scale_by_adamg",
+    "scale_by_adamp",
     "scale_by_adams",
+    "scale_by_nero",
     "scale_by_sgdg",
     "scale_by_sgdmrt",
+    "scale_by_sgdp",
     "sgdg",
     "sgdg_update",
     "sgdmrt",
+    "sgdp",
     "sphere",
     "spherical_adam",
     "transported_momentum",

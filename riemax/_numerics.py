@@ -142,6 +142,8 @@ class Gram(NamedTuple):
     that brings the scaled array to norm about 1 (or its largest element below 1):
     all values are at most the group size, whatever the magnitudes of the arrays;
     true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
+    A pair ``(p, None)`` is the plain sum :math:`\\sum x_p 2^{-E_p}` (true value
+    ``unscaled(values[i], exps[p])``).
     """
 
     values: tuple[jax.Array, ...]
@@ -157,9 +159,13 @@ class Gram(NamedTuple):
 CPU_BLOCK_ELEMENTS = 1 << 19
 
 
+def _product(mats, p, q):
+    return mats[p] if q is None else mats[p] * mats[q]
+
+
 def _stats(mats, pairs):
-    """Column sums of the pair products."""
-    return tuple(jnp.sum(mats[p] * mats[q], axis=0) for p, q in pairs)
+    """Column sums of the pair products (of the matrix itself for ``(p, None)``)."""
+    return tuple(jnp.sum(_product(mats, p, q), axis=0) for p, q in pairs)
 
 
 def _blocked_stats(*mats, pairs, block):
@@ -175,8 +181,7 @@ def _blocked_stats(*mats, pairs, block):
         return merge(acc, _stats(part, pairs))
 
     zeros = tuple(
-        jnp.zeros(mats[0].shape[1:], jnp.result_type(mats[p], mats[q]))
-        for p, q in pairs
+        jnp.zeros(mats[0].shape[1:], _product(mats, p, q).dtype) for p, q in pairs
     )
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
@@ -213,12 +218,13 @@ def _as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 def gram(
     arrays: Sequence[jax.Array],
-    pairs: Sequence[tuple[int, int]],
+    pairs: Sequence[tuple[int, int | None]],
     axes: Sequence[int],
     *,
     verify_zero: Sequence[int] | None = None,
 ) -> Gram:
-    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``.
+    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``
+    (and plain sums of ``arrays[p]`` for pairs ``(p, None)``).
 
     All arrays share one shape and one floating dtype; ``axes`` are the reduced
     axes (sorted; ``unit_axes(ndim)`` for one group per output unit). Results have
@@ -241,7 +247,7 @@ def gram(
     shape, dtype = arrays[0].shape, arrays[0].dtype
     keep = kept_shape(shape, axes)
     if not axes:  # one element per group: products cannot be rescaled usefully
-        values = tuple(arrays[p] * arrays[q] for p, q in pairs)
+        values = tuple(_product(arrays, p, q) for p, q in pairs)
         return Gram(values, tuple(jnp.zeros(shape, jnp.int32) for _ in arrays))
     count = len(arrays)
     diagonal = {p: i for i, (p, q) in enumerate(pairs) if p == q}
@@ -263,7 +269,10 @@ def gram(
     def from_plain(_):
         exps = [exponent(safe_sqrt(sq)) for sq in squares]
         factors = [pow2(-e, dtype) for e in exps]
-        values = [sums[i] * factors[p] * factors[q] for i, (p, q) in enumerate(pairs)]
+        values = [
+            sums[i] * factors[p] * (1 if q is None else factors[q])
+            for i, (p, q) in enumerate(pairs)
+        ]
         return tuple(values), tuple(exps)
 
     def rescaled(_):
@@ -280,7 +289,7 @@ def gram(
 
 def unit_gram(
     arrays: Sequence[jax.Array],
-    pairs: Sequence[tuple[int, int]],
+    pairs: Sequence[tuple[int, int | None]],
     *,
     verify_zero: Sequence[int] | None = None,
 ) -> Gram:
@@ -358,3 +367,31 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
     once = jnp.sum(jnp.where(first, stacked[None], 0), axis=0)
     return tuple(once[i] for i in range(len(coefficients)))
+
+
+def root_ema(r: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
+    r"""The root of an exponential moving average of squares, kept as a root.
+
+    Returns :math:`\sqrt{\rho\, r^2 + (1 - \rho)\, x^2}` for ``r, x >= 0``: with
+    ``r`` the stored root of the average and ``x`` the new magnitude (a norm or
+    a root mean square). Both are scaled by the power of two of the larger before
+    squaring, so the result is finite and accurate wherever it is representable,
+    even where ``r**2`` or ``x**2`` would overflow or underflow.
+    """
+    e = exponent(jnp.maximum(r, x))
+    f = pow2(-e, r.dtype)
+    rs, xs = r * f, x * f
+    return unscaled(safe_sqrt(decay * rs * rs + (1 - decay) * xs * xs), e)
+
+
+def centered(x: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Returns ``((x - mean(x)) * 2**-e, e)`` per group (mean over ``axes``).
+
+    ``e`` is the group's scaling exponent (:func:`exponent` of its largest
+    magnitude), so the centred array is finite for any finite ``x``; its true
+    value is ``unscaled(result, e)``.
+    """
+    axes = tuple(axes)
+    e = exponent(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    xs = scaled(x, e)
+    return xs - jnp.mean(xs, axis=axes, keepdims=True), e

@@ -140,6 +140,43 @@ def adamg_chain(
     )
 
 
+def rotational_adamw(
+    learning_rate, weight_decay=0.01, *, zero_mean=True, decay=0.9, eps=1e-8
+):
+    """The rotational wrapper around Adam at AdamW's equilibrium rate.
+
+    ``eps_root`` keeps ``jax.grad`` through optax's Adam finite where a gradient
+    element is exactly zero (the derivative of its square root is infinite at 0),
+    so that the batteries check the wrapper, not optax.
+    """
+    rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay)
+    return riemax.rotational(
+        optax.scale_by_adam(eps_root=1e-30),
+        rate,
+        zero_mean=zero_mean,
+        decay=decay,
+        eps=eps,
+    )
+
+
+def rotational_sgdm(
+    learning_rate,
+    weight_decay=1e-4,
+    momentum=0.9,
+    *,
+    zero_mean=True,
+    decay=0.9,
+    eps=1e-8,
+):
+    """The rotational wrapper around heavy-ball momentum at SGDM's rate."""
+    rate = riemax.equilibrium_rate(
+        "sgdm", learning_rate, weight_decay, momentum=momentum
+    )
+    return riemax.rotational(
+        optax.trace(momentum), rate, zero_mean=zero_mean, decay=decay, eps=eps
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """One optimizer under test.
@@ -182,6 +219,19 @@ OPTIMIZERS = {
         Optimizer("adams", riemax.adams, 1e-2, {"weight_decay": 1e-4}),
         Optimizer("adamsrt", riemax.adamsrt, 1e-2, {"weight_decay": 1e-4}),
         Optimizer("sgdmrt", riemax.sgdmrt, 0.1, {"weight_decay": 1e-4}),
+        Optimizer("adamp", riemax.adamp, 1e-3, {"weight_decay": 1e-2}),
+        Optimizer("sgdp", riemax.sgdp, 0.1, {"momentum": 0.9, "weight_decay": 1e-4}),
+        Optimizer(
+            "sgdp-nesterov",
+            riemax.sgdp,
+            0.1,
+            {"momentum": 0.9, "weight_decay": 1e-5, "nesterov": True},
+        ),
+        Optimizer("nero", riemax.nero, 0.01),
+        # The wrappers take the rate from the learning rate and weight decay, so
+        # that the learning rate is the first argument (and is what is checked).
+        Optimizer("rotational-adamw", rotational_adamw, 0.05, {"weight_decay": 0.01}),
+        Optimizer("rotational-sgdm", rotational_sgdm, 0.5, {"weight_decay": 1e-4}),
     ]
 }
 

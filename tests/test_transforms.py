@@ -279,8 +279,13 @@ def test_edge_cases_are_finite_in_value_and_gradient(name, kind, dtype):
         return jnp.sum(f(w, g)[0].astype(jnp.float32) ** 2)
 
     gw, gg = jax.jit(jax.grad(scalar, argnums=(0, 1)))(w, g)
-    assert np.all(np.isfinite(np.asarray(gw, np.float32)))
-    assert np.all(np.isfinite(np.asarray(gg, np.float32)))
+    # float16 cannot hold every true derivative: at an exactly zero gradient an
+    # Adam-type step (eps outside the root) has d(update)/dg = lr (1 - b1) /
+    # ((1 - b1**t) eps), 1e5 for AdamP's defaults, beyond float16's 65504. There,
+    # overflow to inf is the correct rounding; NaN never is.
+    ok = np.isfinite if dtype != jnp.float16 else (lambda x: ~np.isnan(x))
+    assert np.all(ok(np.asarray(gw, np.float32)))
+    assert np.all(ok(np.asarray(gg, np.float32)))
     if name in NAMED_SPHERE:
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
         live = unit_norms(w) > 0

@@ -1,0 +1,292 @@
+r"""Nero (Liu, Bernstein, Meister & Yue, 2021): per-neuron normalized steps on
+centred, normalized units.
+
+A *neuron* is one output unit of a kernel (Flax: the slice ``w[..., j]`` over all
+axes but the last) or one element of a leaf with fewer than two axes (a bias, a
+BatchNorm scale). Nero divides each neuron's gradient by the running root mean
+square of its norm, scales the step by the mean neuron norm of the tensor, and,
+with ``constraints``, keeps every unit of every kernel centred and of unit norm.
+
+The constraints are projections: :func:`nero_project` applies them once, at
+construction (call it on the params before ``init``), and every step re-applies
+them after the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from riemax._numerics import (
+    acc_dtype,
+    centered,
+    exponent,
+    gram,
+    group_size,
+    kept_shape,
+    norm,
+    normalize,
+    per_unit,
+    pow2,
+    root_ema,
+    safe_div,
+    safe_sqrt,
+    to_acc,
+    unit_axes,
+    unscaled,
+)
+from riemax._unitwise import (
+    check_learning_rate,
+    check_params,
+    check_rate,
+    leaf_map,
+    need_params,
+    schedule_value,
+    unzip,
+)
+
+
+class ScaleByNeroState(NamedTuple):
+    """State of :func:`scale_by_nero`: step count, per-neuron root mean square of
+    the gradient, and the step scale of every leaf.
+
+    ``nu`` holds, per neuron, :math:`\\sqrt{v / n}`: the square root of the
+    original's moving average :math:`v` of :math:`\\|g\\|^2`, divided by the
+    neuron size :math:`n`. Kept as a root, it is finite for every finite
+    gradient.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    nu: optax.Params
+    scale: optax.Params
+
+
+def _neuron_axes(ndim: int) -> tuple[int, ...]:
+    """Reduced axes of a neuron: a unit for kernels, an element otherwise."""
+    return unit_axes(ndim) if ndim >= 2 else ()
+
+
+def _check_constraints(owner: str, constraints: Any) -> None:
+    if not isinstance(constraints, bool):
+        raise TypeError(
+            f"riemax.{owner}: constraints must be True or False, got {constraints!r}."
+        )
+
+
+def _project_leaf(w: jax.Array) -> jax.Array:
+    """Centres and normalises every unit (no epsilon; a constant unit maps to 0)."""
+    axes = unit_axes(w.ndim)
+    c, _ = centered(to_acc(w), axes)
+    return normalize(c, axes, 0.0)[0].astype(w.dtype)
+
+
+def nero_project(params: optax.Params) -> optax.Params:
+    r"""Nero's construction-time constraints: every kernel unit centred and
+    normalized.
+
+    For every leaf with at least two axes, each unit ``w[..., j]`` becomes
+
+    .. math::
+
+      w_j \leftarrow \frac{w_j - \bar w_j}{\|w_j - \bar w_j\|}
+
+    (no epsilon; a unit that is constant, zero included, becomes zero). Leaves with
+    fewer than two axes are returned unchanged. Apply it once to the initial
+    params when using :func:`nero` with ``constraints=True`` (the default), before
+    ``init``: the optimizer re-applies it after every step.
+
+    Args:
+      params: A tree of floating-point arrays.
+
+    Returns:
+      The projected params (same tree, shapes and dtypes).
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 2.0]]), "bias": jnp.ones(2)}
+      >>> projected = riemax.nero_project(params)
+      >>> projected["kernel"]  # each column centred, then of unit norm
+      Array([[-0.70710677,  0.        ],
+             [ 0.70710677,  0.        ]], dtype=float32)
+      >>> projected["bias"]
+      Array([1., 1.], dtype=float32)
+
+    References:
+      Liu, Bernstein, Meister and Yue, `Learning by turning: neural architecture
+      aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
+    """
+    check_params("nero_project", params, units=False)
+    return jax.tree.map(lambda w: _project_leaf(w) if w.ndim >= 2 else w, params)
+
+
+def _initial_scale(w: jax.Array) -> jax.Array:
+    """The mean neuron norm of ``w`` (0.01 where it is 0)."""
+    w = to_acc(w)
+    norms = jnp.abs(w) if w.ndim < 2 else norm(w, unit_axes(w.ndim))
+    scale = jnp.mean(norms)
+    return jnp.where(scale == 0, jnp.asarray(0.01, scale.dtype), scale)
+
+
+def scale_by_nero(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: float = 0.999,
+    *,
+    constraints: bool = True,
+) -> optax.GradientTransformation:
+    r"""The Nero step: per-neuron normalized gradients, re-projected units.
+
+    Per neuron (unit of a kernel, element of a smaller leaf) with ``n`` elements,
+    ``t`` the step count and ``s`` the mean neuron norm of the params given to
+    ``init`` (0.01 if it is 0):
+
+    .. math::
+
+      \begin{align*}
+        v &\leftarrow \beta_2 v + (1-\beta_2) \|g\|^2, \qquad
+        \hat g = g \big/ \sqrt{v / (1-\beta_2^t)} \\
+        w' &= w - \eta\, s\, \hat g, \qquad
+        w' \leftarrow \frac{w' - \bar w'}{\|w' - \bar w'\|}
+          \text{ (kernels, with constraints)}
+      \end{align*}
+
+    A neuron whose gradients have all been zero has :math:`v = 0` and takes no
+    step (the original's 0/0 is replaced by 0); a kernel unit that is exactly
+    constant after the step maps to zero (the original divides 0 by 0). ``v`` is
+    stored as :math:`\sqrt{v/n}` (:class:`ScaleByNeroState`).
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b2: :math:`\beta_2`, the decay of the second moment, in ``[0, 1)``.
+      constraints: Re-centre and re-normalize every kernel unit after each step.
+        Static. Apply :func:`nero_project` to the params once before ``init``.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`ScaleByNeroState`;
+      last in a chain; needs ``params``; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, riemax
+      >>> w = riemax.nero_project(jax.random.normal(jax.random.key(0), (8, 4)))
+      >>> tx = riemax.scale_by_nero(0.01)
+      >>> state = tx.init(w)
+      >>> float(state.scale)  # the mean unit norm
+      1.0
+      >>> updates, state = tx.update(jnp.ones_like(w), state, w)
+      >>> jnp.linalg.norm(optax.apply_updates(w, updates), axis=0).round(5)
+      Array([1., 1., 1., 1.], dtype=float32)
+
+    References:
+      Liu, Bernstein, Meister and Yue, `Learning by turning: neural architecture
+      aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
+    """
+    owner = "scale_by_nero"
+    check_learning_rate(owner, learning_rate)
+    check_rate(owner, "b2", b2)
+    _check_constraints(owner, constraints)
+
+    def init_fn(params):
+        check_params(owner, params, units=False)
+        return ScaleByNeroState(
+            count=jnp.zeros([], jnp.int32),
+            nu=jax.tree.map(
+                lambda w: jnp.zeros(
+                    kept_shape(w.shape, _neuron_axes(w.ndim)), acc_dtype(w.dtype)
+                ),
+                params,
+            ),
+            scale=jax.tree.map(_initial_scale, params),
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        lr = schedule_value(learning_rate, state.count)
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, nu, scale, w):
+            g, w_acc = to_acc(g), to_acc(w)
+            axes = _neuron_axes(w.ndim)
+            n = group_size(w.shape, axes)
+            # Root mean square of g over the neuron (|g| for one element), and
+            # its moving average; g~ = g 2**-e_g per neuron.
+            if axes:
+                gr = gram((w_acc, g), ((1, 1),), axes)
+                e_g, f_g = gr.exps[1], gr.factor(1)
+                rms = unscaled(safe_sqrt(gr.values[0] / n), e_g)
+            else:
+                rms = jnp.abs(g)
+                e_g = exponent(rms)
+                f_g = pow2(-e_g, g.dtype)
+            nu = root_ema(nu, rms, b2)
+            bc = 1 - b2 ** count.astype(nu.dtype)
+            # g_hat = g~ k with k = 2**e_g / sqrt(v / bc), v = n nu**2.
+            k = safe_div(jnp.sqrt(bc), n**0.5 * unscaled(nu, -e_g))
+            step = lr * scale * k  # the step is -step * g~
+            if not (constraints and axes):
+                if axes:
+                    step, f_g = per_unit(step, f_g)
+                return (-((g * f_g) * step)).astype(w.dtype), nu
+            # The new point on the scale of w: q~ = w~ - beta g~, then centred and
+            # normalized per unit (exact for any magnitude of w and of the step).
+            beta = unscaled(step, -gr.exps[0])
+            f_w, f_g, beta = per_unit(gr.factor(0), f_g, beta)
+            q = (w_acc * f_w) - beta * (g * f_g)
+            mean = jnp.mean(q, axis=axes, keepdims=True)
+            c = normalize(q - mean, axes, 0.0)
+            return (c[0] - w_acc).astype(w.dtype), nu
+
+        results = leaf_map(
+            owner, leaf, updates, state.nu, state.scale, params=params, units=False
+        )
+        deltas, nu = unzip(updates, results, 2)
+        return deltas, ScaleByNeroState(
+            count=count, nu=optax.tree.cast_like(nu, state.nu), scale=state.scale
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def nero(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    b2: float = 0.999,
+    constraints: bool = True,
+) -> optax.GradientTransformation:
+    r"""Nero (Liu et al., 2021): per-neuron normalized steps, with every kernel
+    unit kept centred and of unit norm.
+
+    Applied to every parameter, like the original: kernels per output unit,
+    smaller leaves per element. It is :func:`scale_by_nero`; see there for the
+    update rule. With ``constraints`` (the default) apply :func:`nero_project` to
+    the initial params once, before ``init``, so that the step scale (the mean
+    unit norm, taken by ``init``) is 1 and the first step starts on the
+    constraint set.
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b2: Decay of the per-neuron second moment.
+      constraints: Keep kernel units centred and normalized.
+
+    Returns:
+      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, riemax
+      >>> params = {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 4, 8)),
+      ...           "bias": jnp.zeros(8)}
+      >>> params = riemax.nero_project(params)
+      >>> tx = riemax.nero(0.01)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> [round(float(x), 6) for x in updates["bias"][:3]]  # -lr * 0.01 * sign(g)
+      [-0.0001, -0.0001, -0.0001]
+
+    References:
+      Liu, Bernstein, Meister and Yue, `Learning by turning: neural architecture
+      aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
+    """
+    _check_constraints("nero", constraints)
+    return scale_by_nero(learning_rate, b2, constraints=constraints)

@@ -1,0 +1,402 @@
+r"""The rotational wrapper (Kosson, Messmer & Jaggi, 2024): any optax direction
+turned into rotations of every unit at a controlled average rate.
+
+With weight decay, the norm of a scale-invariant unit settles where decay and
+gradient growth balance, and the unit then rotates at an *equilibrium* angular
+rate set by the learning rate and the weight decay. The wrapper imposes that
+equilibrium from the first step: every unit ``w[..., j]`` (Flax layout; all axes
+but the last) keeps its norm, and moves by an angle whose running average is the
+``rate`` (:func:`equilibrium_rate` gives the paper's rates of AdamW, SGDM and
+Lion).
+
+The inner transformation only supplies a *direction* ``u`` (the quantity its
+optimizer would multiply by ``-learning_rate``): ``optax.scale_by_adam()``,
+``optax.trace(momentum)``, ``optax.scale_by_lion()``. Because ``u`` is divided by
+its own running root mean square per unit, the inner's scale cancels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from riemax._labels import MANIFOLD, check_labels
+from riemax._numerics import (
+    centered,
+    group_size,
+    norm,
+    normalize,
+    per_unit,
+    root_ema,
+    safe_div,
+    safe_sqrt,
+    to_acc,
+    unit_axes,
+    unit_gram,
+    unscaled,
+)
+from riemax._numerics import inner as inner_product
+from riemax._unitwise import (
+    check_choice,
+    check_learning_rate,
+    check_number,
+    check_params,
+    check_rate,
+    leaf_map,
+    need_params,
+    schedule_value,
+    unzip,
+    zeros_per_unit,
+)
+
+#: The inner optimizers whose equilibrium rate :func:`equilibrium_rate` knows.
+INNERS = ("adamw", "sgdm", "lion")
+
+#: Per-unit norms from Gram identities are trusted while the centred, projected
+#: direction keeps at least this fraction of ``||u||**2`` (at most one bit lost).
+_KEPT_FRACTION = 0.5
+
+
+class RotationalState(NamedTuple):
+    """State of :func:`rotational`: step count, the inner state, the per-unit root
+    mean square of the rotational direction, and the per-unit norm kept.
+
+    ``nu`` holds :math:`\\sqrt{s / n}` per unit: the square root of the
+    original's moving average :math:`s` of :math:`\\|u\\|^2`, divided by the unit
+    size. ``radius`` is 0 until the first step stores it.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    inner_state: optax.OptState
+    nu: optax.Params
+    radius: optax.Params
+
+
+def _radius(w: jax.Array, zero_mean: bool) -> jax.Array:
+    """``||w - mean(w)||`` (or ``||w||``) per unit, for any magnitude."""
+    axes = unit_axes(w.ndim)
+    if not zero_mean:
+        return norm(w, axes)
+    c, e = centered(w, axes)
+    return unscaled(norm(c, axes), e)
+
+
+def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
+    """One rotational step of one kernel: ``(update, nu)`` (accumulation dtype).
+
+    On the arrays scaled per unit, ``p~ = p 2**-e_p`` and ``u~ = u 2**-e_u``:
+    the projected, centred direction is ``v~ = u~ - kappa p~ - mu`` and the new
+    point ``(r / N) (p~ - gamma v~)``, with ``N`` its norm, all from one Gram pass.
+    """
+    axes = unit_axes(p.ndim)
+    n = group_size(p.shape, axes)
+    dtype = p.dtype
+    if zero_mean:
+        gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1), (0, None), (1, None)))
+        pp, pu, uu, sum_p, sum_u = gr.values
+    else:
+        gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1)))
+        pp, pu, uu = gr.values
+        sum_p = sum_u = jnp.zeros_like(pp)
+    e_p, e_u = gr.exps[0], gr.exps[1]
+    f_p, f_u = gr.factor(0), gr.factor(1)
+    # u <- u - p <u, p> / r**2, then minus its mean.
+    r_s = unscaled(r, -e_p)
+    kappa = safe_div(pu, r_s * r_s)
+    mu = (sum_u - kappa * sum_p) / n
+    vv = uu - 2 * kappa * pu + kappa * kappa * pp - n * mu * mu
+    pv = pu - kappa * pp - mu * sum_p
+    cancelled = vv < _KEPT_FRACTION * uu
+
+    def direct(_):
+        pt = p * f_p
+        v = (u * f_u - kappa * pt) - mu
+        return inner_product(v, v, axes), inner_product(pt, v, axes)
+
+    vv, pv = jax.lax.cond(jnp.any(cancelled), direct, lambda _: (vv, pv), None)
+    vv = jnp.maximum(vv, 0)
+    # s <- (1 - rho) |v|**2 + rho s, kept as the root mean square nu = sqrt(s / n).
+    nu = root_ema(nu, unscaled(safe_sqrt(vv / n), e_u), decay)
+    bc = 1 - decay ** count.astype(dtype)
+    # p <- p - rate r v / (a + eps) with a = sqrt(s / bc): on the scale of p,
+    # p~ - gamma v~ with gamma = rate r~ / (a~ + eps~).
+    a_s = n**0.5 * safe_div(unscaled(nu, -e_u), jnp.sqrt(bc))
+    gamma = rate * r_s * safe_div(1.0, a_s + unscaled(eps, -e_u, dtype))
+    # p <- p r / |p|.
+    big = safe_sqrt(jnp.maximum(pp - 2 * gamma * pv + gamma * gamma * vv, 0))
+    phi = safe_div(r, big)
+    phi, f_p, f_u, gamma, kappa, mu = per_unit(phi, f_p, f_u, gamma, kappa, mu)
+    pt = p * f_p
+    new = phi * (pt - gamma * ((u * f_u - kappa * pt) - mu))
+    return new - p, nu
+
+
+def rotational(
+    inner: optax.GradientTransformation,
+    rate: optax.ScalarOrSchedule,
+    *,
+    zero_mean: bool = True,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    r"""Rotates every kernel unit at the average angular rate ``rate``, in the
+    direction given by any optax transformation.
+
+    Per unit ``w`` (Flax: ``w[..., j]``) with ``n`` elements, ``u`` the inner's
+    output (a direction: the update is :math:`-u` up to scale), ``t`` the step
+    count and :math:`r` the unit's norm, stored at the first step
+    (:math:`\|w - \bar w\|` with ``zero_mean``, else :math:`\|w\|`):
+
+    .. math::
+
+      \begin{align*}
+        u &\leftarrow u - w\,\langle u, w\rangle / r^2, \qquad
+        u \leftarrow u - \bar u \text{ (with zero\_mean)} \\
+        s &\leftarrow (1-\rho)\,\|u\|^2 + \rho\, s, \qquad
+        a = \sqrt{s / (1 - \rho^t)} \\
+        w' &= w - \eta_r\, r\, \frac{u}{a + \epsilon}, \qquad
+        w \leftarrow w'\, r / \|w'\|
+      \end{align*}
+
+    Every unit keeps the norm :math:`r`; its step turns it by about
+    :math:`\eta_r \|u\|/a`, whose average is :math:`\eta_r`. With ``zero_mean``,
+    centre the units once at construction with :func:`center_units` (which keeps
+    their norms); otherwise the first step rescales each unit to the norm of its
+    centred version, as the original does. A zero unit stays zero.
+
+    All kernels given to it rotate (leaves need at least two axes); route other
+    parameters to an ordinary optimizer with :func:`riemax.hybrid` or
+    :func:`optax.partition`. The inner transformation runs in float32 (or wider)
+    for bf16/fp16 params, as riemax's own state does.
+
+    Args:
+      inner: An :class:`optax.GradientTransformation` whose output is a direction
+        (e.g. ``optax.scale_by_adam()``, ``optax.trace(momentum)``,
+        ``optax.scale_by_lion()``), *not* an optimizer that already includes a
+        negative learning rate (that would turn the steps around).
+      rate: :math:`\eta_r`, the average angle per step in radians: a float or an
+        optax schedule (see :func:`equilibrium_rate`).
+      zero_mean: Keep the direction (and, with :func:`center_units`, the units)
+        centred. Static.
+      decay: :math:`\rho`, the decay of the running :math:`\|u\|^2`, in
+        ``[0, 1)``.
+      eps: Added to :math:`a`.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with :class:`RotationalState`; last
+      in a chain; needs ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, riemax
+      >>> w = riemax.center_units(jax.random.normal(jax.random.key(0), (16, 4)))
+      >>> rate = riemax.equilibrium_rate("adamw", learning_rate=1e-3,
+      ...                                weight_decay=0.05)
+      >>> tx = riemax.rotational(optax.scale_by_adam(), rate)
+      >>> state = tx.init(w)
+      >>> g = jax.random.normal(jax.random.key(1), w.shape)
+      >>> updates, state = tx.update(g, state, w)
+      >>> new = optax.apply_updates(w, updates)
+      >>> bool(jnp.allclose(jnp.linalg.norm(new, axis=0),
+      ...                   jnp.linalg.norm(w, axis=0), rtol=1e-6))
+      True
+      >>> cos = jnp.sum(new * w, axis=0) / jnp.sum(w * w, axis=0)
+      >>> bool(jnp.allclose(jnp.arccos(cos), rate, rtol=0.05))  # first step: a = |u|
+      True
+
+    References:
+      Kosson, Messmer and Jaggi, `Rotational equilibrium: how weight decay balances
+      learning across neural networks <https://arxiv.org/abs/2305.17212>`_, ICML
+      2024
+    """
+    owner = "rotational"
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"riemax.{owner}: inner must be an optax.GradientTransformation, got "
+            f"{type(inner).__name__}."
+        )
+    check_number(owner, "rate", rate, allow_schedule=True)
+    if not isinstance(zero_mean, bool):
+        raise TypeError(
+            f"riemax.{owner}: zero_mean must be True or False, got {zero_mean!r}."
+        )
+    check_rate(owner, "decay", decay)
+    check_number(owner, "eps", eps)
+
+    def init_fn(params):
+        check_params(owner, params, units=True)
+        acc = jax.tree.map(to_acc, params)
+        return RotationalState(
+            count=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(acc),
+            nu=zeros_per_unit(params),
+            radius=zeros_per_unit(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        need_params(owner, params)
+        leaf_map(owner, lambda g, w: None, updates, params=params)
+        acc = jax.tree.map(to_acc, params)
+        direction, inner_state = inner.update(
+            jax.tree.map(to_acc, updates), state.inner_state, acc
+        )
+        eta = schedule_value(rate, state.count)
+        count = optax.safe_increment(state.count)
+        first = state.count == 0
+
+        def leaf(u, nu, r, w):
+            p = to_acc(w)
+            r = jax.lax.cond(first, lambda: _radius(p, zero_mean), lambda: r)
+            delta, nu = _rotate(
+                p, to_acc(u), r, nu, rate=eta, count=count, zero_mean=zero_mean,
+                decay=decay, eps=eps,
+            )  # fmt: skip
+            return delta.astype(w.dtype), nu, r
+
+        results = leaf_map(
+            owner, leaf, direction, state.nu, state.radius, params=params
+        )
+        deltas, nu, radius = unzip(updates, results, 3)
+        return deltas, RotationalState(
+            count=count,
+            inner_state=inner_state,
+            nu=optax.tree.cast_like(nu, state.nu),
+            radius=optax.tree.cast_like(radius, state.radius),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def center_units(params: optax.Params, labels: Any = None) -> optax.Params:
+    r"""Centres every kernel unit, keeping its norm (the rotational wrapper's
+    construction with ``zero_mean``).
+
+    .. math::
+
+      w_j \leftarrow \|w_j\|\, \frac{w_j - \bar w_j}{\|w_j - \bar w_j\|}
+
+    for every unit ``w[..., j]`` of every leaf with at least two axes (or, with
+    ``labels``, of the leaves labelled ``"manifold"``); other leaves are returned
+    unchanged. A unit that is constant (zero included) becomes zero.
+
+    Args:
+      params: A tree of floating-point arrays.
+      labels: Optional label tree or callable ``params -> label tree`` (as
+        :func:`riemax.hybrid` takes): only ``"manifold"`` leaves are centred.
+
+    Returns:
+      The centred params (same tree, shapes and dtypes).
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = riemax.center_units(jnp.array([[1.0, 0.0], [3.0, 2.0]]))
+      >>> [round(float(x), 5) for x in w.sum(axis=0)]  # centred
+      [0.0, 0.0]
+      >>> [round(float(x), 5) for x in jnp.linalg.norm(w, axis=0)]  # norms kept
+      [3.16228, 2.0]
+    """
+    owner = "center_units"
+    check_params(owner, params, units=False)
+    if labels is None:
+        chosen = jax.tree.map(lambda w: w.ndim >= 2, params)
+    else:
+        chosen = jax.tree.map(lambda lab: lab == MANIFOLD, check_labels(params, labels))
+
+    def one(w, pick):
+        if not pick:
+            return w
+        if w.ndim < 2:
+            raise ValueError(
+                f"riemax.{owner}: a leaf labelled {MANIFOLD!r} has shape "
+                f"{tuple(w.shape)}; units need at least 2 axes."
+            )
+        axes = unit_axes(w.ndim)
+        acc = to_acc(w)
+        c, _ = centered(acc, axes)
+        return (normalize(c, axes, 0.0)[0] * norm(acc, axes)).astype(w.dtype)
+
+    return jax.tree.map(one, params, chosen)
+
+
+def _root(x: Any) -> Any:
+    """``sqrt(x)`` for numbers (a float) and traced values (an array)."""
+    return math.sqrt(x) if isinstance(x, (int, float)) else jnp.sqrt(x)
+
+
+def equilibrium_rate(
+    inner: str,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    momentum: float = 0.0,
+) -> Any:
+    r"""The equilibrium angular update rate of a scale-invariant unit.
+
+    The average angle per step at which a unit trained by ``inner`` with
+    decoupled weight decay rotates once its norm has reached equilibrium (Kosson et
+    al., 2024), with :math:`\eta` the learning rate and :math:`\lambda` the weight
+    decay:
+
+    .. math::
+
+      \eta_r^{\mathrm{AdamW}} = \sqrt{\frac{2\eta\lambda(1-\beta_1)}{1+\beta_1}},
+      \quad
+      \eta_r^{\mathrm{SGDM}} = \sqrt{\frac{2\eta\lambda}{1+\mu}}, \quad
+      \eta_r^{\mathrm{Lion}} = \sqrt{\frac{\pi}{2}}\sqrt{2\eta\lambda}
+        \sqrt{(1-\beta_1)^2 + \frac{\beta_1^2(1-\beta_2)}{1+\beta_2}}
+
+    Args:
+      inner: ``"adamw"``, ``"sgdm"`` or ``"lion"``.
+      learning_rate: :math:`\eta`, a float or an optax schedule (then the result is
+        a schedule of the rate).
+      weight_decay: :math:`\lambda` (decoupled, as in AdamW / Lion; for SGDM the
+        coupled L2 coefficient), ``>= 0``.
+      b1: :math:`\beta_1` (AdamW, Lion).
+      b2: :math:`\beta_2` (Lion).
+      momentum: :math:`\mu` (SGDM).
+
+    Returns:
+      The rate :math:`\eta_r` for :func:`rotational` (a float, or a schedule).
+
+    Raises:
+      ValueError: for an unknown ``inner`` (the message lists the known ones) or
+        an argument out of range.
+
+    Examples:
+      >>> import riemax
+      >>> round(riemax.equilibrium_rate("sgdm", 0.5, 1e-4, momentum=0.9), 6)
+      0.007255
+      >>> rate = riemax.equilibrium_rate("adamw", lambda count: 1e-3, 0.1)
+      >>> round(float(rate(0)), 6)
+      0.003244
+
+    References:
+      Kosson, Messmer and Jaggi, `Rotational equilibrium: how weight decay balances
+      learning across neural networks <https://arxiv.org/abs/2305.17212>`_, ICML
+      2024
+    """
+    owner = "equilibrium_rate"
+    check_choice(owner, "inner", inner, INNERS)
+    check_learning_rate(owner, learning_rate)
+    check_number(owner, "weight_decay", weight_decay)
+    check_rate(owner, "b1", b1)
+    check_rate(owner, "b2", b2)
+    check_rate(owner, "momentum", momentum)
+
+    def of(lr: Any) -> Any:
+        if inner == "adamw":
+            return _root(2 * lr * weight_decay * (1 - b1) / (1 + b1))
+        if inner == "sgdm":
+            return _root(2 * lr * weight_decay / (1 + momentum))
+        spread = (1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2)
+        return _root(math.pi / 2) * _root(2 * lr * weight_decay) * _root(spread)
+
+    if callable(learning_rate):
+        schedule: Callable[[Any], Any] = learning_rate
+        return lambda count: of(schedule(count))
+    return of(learning_rate)
