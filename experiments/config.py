@@ -41,7 +41,11 @@ KEYS: dict[str, tuple[Any, str]] = {
     "convs_per_stage": (2, "vgg-small: convs per stage"),
     "n_layers": (None, "enorm-fc: number of layers (None: 15)"),
     # ---- optimization
-    "optimizer": ("sgdg", "sgd, sgdg, adamg, adams, adamsrt, sgdmrt, adam, adamw"),
+    "optimizer": (
+        "sgdg",
+        "sgd, sgdg, adamg, adams, adamsrt, sgdmrt, adam, adamw, adamp, sgdp, nero, "
+        "rotational-adamw or rotational-sgdm",
+    ),
     "lr": (None, "learning rate (hybrids: the Euclidean half's)"),
     "lr_manifold": (None, "sgdg/adamg: learning rate of the manifold kernels"),
     "momentum": (None, "momentum (sgd, sgdg, sgdmrt; the hybrids' Euclidean half)"),
@@ -51,6 +55,9 @@ KEYS: dict[str, tuple[Any, str]] = {
     "eps": (None, "epsilon (Adam family)"),
     "grad_clip": (None, "sgdg/adamg: per-unit clip of the Riemannian gradient"),
     "omega": (None, "sgdg/adamg: orthogonality strength"),
+    "dampening": (None, "sgdp: momentum dampening"),
+    "delta": (None, "adamp/sgdp: threshold of the scale-invariance test"),
+    "wd_ratio": (None, "adamp/sgdp: weight-decay ratio where the test fires"),
     "weight_decay": (None, "L2 on Euclidean kernels (None: 5e-4; adamw 0.01)"),
     "manifold_decay": (None, "L2 on manifold kernels (None: 0 on the sphere)"),
     "bias_decay": (
@@ -300,6 +307,9 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     _opt_num(cfg, "eps", lo=0)
     _opt_num(cfg, "grad_clip", lo=0, lo_open=True)
     _opt_num(cfg, "omega", lo=0)
+    _opt_num(cfg, "dampening", lo=0, hi=1)
+    _opt_num(cfg, "delta", lo=0)
+    _opt_num(cfg, "wd_ratio", lo=0, hi=1)
     if cfg["nesterov"] is not None:
         _bool(cfg, "nesterov")
     for key in ("weight_decay", "manifold_decay", "bias_decay", "gamma_decay"):

@@ -16,17 +16,24 @@ Each :class:`OptimizerEntry` says how one named optimizer is built from a config
     the manifold leaves;
   * ``"elementwise"``: the same algorithm with ``channel_axes=None`` (Roburin et
     al.: the "other" parameter group, one learning rate for both);
+  * ``"adamw"`` / ``"sgdm"``: the rotational wrapper on the manifold leaves, the
+    wrapped optimizer's ordinary step (AdamW, momentum SGD) at ``lr`` elsewhere
+    (Kosson et al.);
 
 - ``decay``: ``"coupled"`` (L2 added to the gradient before the optimizer, the
   originals' ``weight_decay``) or ``"decoupled"`` (the factory receives the
   per-leaf decay tree as ``decay=`` and places it itself, as AdamW does);
 - ``sphere``: the manifold kernels are re-initialised to unit-norm units and get
-  no weight decay (SGD-G, Adam-G);
+  no weight decay (SGD-G, Adam-G); ``fixed_norm``: no weight decay on the manifold
+  kernels, whose norm the optimizer keeps (the rotational wrapper);
+- ``init_params(params, labels)``: the optimizer's construction-time projection
+  of the initial parameters (Nero's ``nero_project``, the wrapper's
+  ``center_units``);
 - ``decay_all``: by default biases and BatchNorm scales/offsets are decayed like the
   kernels (the papers' SGD/Adam baselines), otherwise only kernels are;
 - ``paper_labels``: the rule that ``--labels=paper`` means for this optimizer
   (``"rbn"``: name contains ``conv`` and fan-in > fan-out; ``"srt"``: every conv
-  kernel).
+  kernel; ``"ndim"``: every leaf with at least two axes).
 
 Adding an optimizer is adding one entry to :data:`OPTIMIZERS`.
 
@@ -91,6 +98,60 @@ def _sgdmrt(learning_rate, *, momentum, channel_axes=(-1,)):
     return riemax.sgdmrt(learning_rate, momentum, 0.0, channel_axes=channel_axes)
 
 
+def _by_decay(decay, make):
+    """``make(weight_decay)`` for a per-leaf decay tree: one transformation where
+    every leaf has the same decay, else one per value (``optax.partition``)."""
+    values = sorted(set(jax.tree.leaves(decay)))
+    if len(values) <= 1:
+        return make(values[0] if values else 0.0)
+    labels = jax.tree.map(repr, decay)
+    return optax.partition({repr(v): make(v) for v in values}, labels)
+
+
+def _adamp(learning_rate, *, b1, b2, eps, delta, wd_ratio, nesterov, decay):
+    # AdamP decays inside its step (scaled by wd_ratio where it projects).
+    return _by_decay(
+        decay,
+        lambda wd: riemax.adamp(
+            learning_rate, b1, b2, eps, wd, delta, wd_ratio, nesterov=nesterov
+        ),
+    )
+
+
+def _sgdp(learning_rate, *, momentum, dampening, nesterov, eps, delta, wd_ratio, decay):
+    return _by_decay(
+        decay,
+        lambda wd: riemax.sgdp(
+            learning_rate, momentum, dampening, wd, nesterov, eps, delta, wd_ratio
+        ),
+    )
+
+
+def _nero(learning_rate, *, b2):
+    return riemax.nero(learning_rate, b2)
+
+
+def _rotational_adamw(learning_rate, *, b1, b2, eps, weight_decay):
+    rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay, b1=b1, b2=b2)
+    return riemax.rotational(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rate)
+
+
+def _rotational_sgdm(learning_rate, *, momentum, weight_decay):
+    rate = riemax.equilibrium_rate(
+        "sgdm", learning_rate, weight_decay, momentum=momentum
+    )
+    return riemax.rotational(optax.trace(momentum), rate)
+
+
+def _nero_project(params, labels):
+    del labels
+    return riemax.nero_project(params)
+
+
+def _center_units(params, labels):
+    return riemax.center_units(params, labels)
+
+
 def _adam(learning_rate, *, b1, b2, eps):
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
@@ -121,12 +182,14 @@ class OptimizerEntry:
     lr_manifold: float | None = None
     decay: str = "coupled"
     sphere: bool = False
+    fixed_norm: bool = False
+    init_params: Callable[[Any, Any], Any] | None = None
     decay_all: bool = False
     paper_labels: str = "rbn"
     description: str = ""
 
     def __post_init__(self):
-        if self.companion not in ("none", "nesterov_sgd", "elementwise"):
+        if self.companion not in COMPANIONS:
             raise ValueError(f"{self.name}: unknown companion {self.companion!r}")
         if self.decay not in ("coupled", "decoupled"):
             raise ValueError(f"{self.name}: unknown decay {self.decay!r}")
@@ -143,7 +206,9 @@ class OptimizerEntry:
         return tuple(dict.fromkeys(keys))
 
 
+COMPANIONS = ("none", "nesterov_sgd", "elementwise", "adamw", "sgdm")
 _SGD_HYPER = {"momentum": 0.9, "nesterov": True}
+_P_HYPER = {"eps": 1e-8, "delta": 0.1, "wd_ratio": 0.1}
 _ADAM_HYPER = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
@@ -232,17 +297,73 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             paper_labels="srt",
             description="AdamW on every parameter, decoupled decay (torch.optim.AdamW)",
         ),
+        OptimizerEntry(
+            "adamp",
+            _adamp,
+            {**_ADAM_HYPER, **_P_HYPER, "nesterov": False},
+            lr=1e-3,
+            decay="decoupled",
+            decay_all=True,
+            description="AdamP on every parameter: the radial part of the step "
+            "removed where the per-step test finds a scale-invariant tensor "
+            "(Heo et al. 2021; lr and decay of the official usage)",
+        ),
+        OptimizerEntry(
+            "sgdp",
+            _sgdp,
+            {"momentum": 0.9, "dampening": 0.0, "nesterov": True, **_P_HYPER},
+            lr=0.1,
+            decay="decoupled",
+            decay_all=True,
+            description="SGDP on every parameter (Heo et al. 2021; the official "
+            "usage's momentum, Nesterov and decay)",
+        ),
+        OptimizerEntry(
+            "nero",
+            _nero,
+            {"b2": 0.999},
+            lr=0.01,
+            init_params=_nero_project,
+            paper_labels="ndim",
+            description="Nero on every parameter, centred unit-norm neurons, no "
+            "weight decay (Liu et al. 2021, their CIFAR settings)",
+        ),
+        OptimizerEntry(
+            "rotational-adamw",
+            _rotational_adamw,
+            {**_ADAM_HYPER, "weight_decay": 0.01},
+            lr=0.05,
+            companion="adamw",
+            decay="decoupled",
+            fixed_norm=True,
+            init_params=_center_units,
+            paper_labels="ndim",
+            description="AdamW's direction rotating the manifold kernels at the "
+            "equilibrium rate, AdamW elsewhere (Kosson et al. 2024, ResNet-20)",
+        ),
+        OptimizerEntry(
+            "rotational-sgdm",
+            _rotational_sgdm,
+            {"momentum": 0.9, "weight_decay": 1e-4},
+            lr=0.5,
+            companion="sgdm",
+            fixed_norm=True,
+            init_params=_center_units,
+            paper_labels="ndim",
+            description="momentum SGD's direction rotating the manifold kernels at "
+            "the equilibrium rate, momentum SGD elsewhere (Kosson et al. 2024)",
+        ),
     ]
 }
 
 #: Default ``weight_decay`` per optimizer where it is not the common 5e-4
 #: (PyTorch AdamW's default).
-DEFAULT_WEIGHT_DECAY = {"adamw": 0.01}
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "adamp": 0.01, "sgdp": 1e-5, "nero": 0.0}
 WEIGHT_DECAY = 5e-4
 
 #: The hyper-parameter keys of all optimizers (config keys, default ``None``).
 HYPER_KEYS = ("lr", "lr_manifold", "momentum", "nesterov", "b1", "b2", "eps")
-HYPER_KEYS += ("grad_clip", "omega")
+HYPER_KEYS += ("grad_clip", "omega", "dampening", "delta", "wd_ratio")
 
 
 def names() -> list[str]:
@@ -317,11 +438,13 @@ def add_decay(decay: Any) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(optax.NO_PARAMS_MSG)
+        # The decay tree leads: inside optax.partition a masked leaf of the
+        # updates is a MaskedNode subtree, passed through unchanged.
         out = jax.tree.map(
-            lambda g, w, d: g if d == 0 else g + jnp.asarray(d, g.dtype) * w,
+            lambda d, g, w: g if d == 0 or not hasattr(g, "dtype") else g + d * w,
+            decay,
             updates,
             params,
-            decay,
         )
         return out, state
 
@@ -407,11 +530,21 @@ def build(
     entry = lookup(name)
     fargs = {k: hyper[k] for k in entry.hyper}
     has_decay = decay is not None and any(d != 0 for d in jax.tree.leaves(decay))
-    if entry.decay == "decoupled":
-        fargs["decay"] = (
-            decay if decay is not None else jax.tree.map(lambda _: 0.0, labels)
-        )
+    if decay is None:
+        decay = jax.tree.map(lambda _: 0.0, labels)
     lr = schedule(hyper["lr"])
+    if entry.companion in ("adamw", "sgdm"):
+        if entry.companion == "adamw":
+            keys = ("b1", "b2", "eps")
+            euclidean = _adamw(lr, **{k: hyper[k] for k in keys}, decay=decay)
+        else:
+            euclidean = _sgd(lr, momentum=hyper["momentum"], nesterov=False)
+        main = riemax.hybrid(entry.factory(lr, **fargs), euclidean, labels)
+        if entry.decay == "coupled" and has_decay:
+            return optax.chain(add_decay(decay), main)
+        return main
+    if entry.decay == "decoupled":
+        fargs["decay"] = decay
     if entry.companion == "none":
         main = entry.factory(lr, **fargs)
     elif entry.companion == "elementwise":
@@ -445,11 +578,12 @@ def group_decays(name: str, cfg: Mapping[str, Any]) -> dict[str, float]:
         value = cfg.get(key)
         return float(default if value is None else value)
 
-    manifold = pick("manifold_decay", 0.0 if entry.sphere else wd)
-    if entry.sphere and manifold != 0:
+    fixed = entry.sphere or entry.fixed_norm
+    manifold = pick("manifold_decay", 0.0 if fixed else wd)
+    if fixed and manifold != 0:
         raise ValueError(
-            f"manifold_decay must be 0 for {name!r}: its manifold kernels have unit "
-            "norm, weight decay does not apply"
+            f"manifold_decay must be 0 for {name!r}: it keeps the norm of its "
+            "manifold kernels, weight decay does not apply"
         )
     return {
         "manifold": manifold,

@@ -226,6 +226,17 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _paper_labels(params: Any, rule: str) -> tuple[Any, dict[str, str]]:
+    if rule == "ndim":  # every tensor with at least two axes
+        labels = jax.tree.map(
+            lambda p: riemax.MANIFOLD if p.ndim >= 2 else riemax.EUCLIDEAN, params
+        )
+        why = {
+            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): (
+                "rule: ndim >= 2"
+            )
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        return labels, why
     if rule == "srt":
         return riemax.labels_by_regex(
             params,
@@ -380,6 +391,8 @@ class Trainer:
                     params,
                     labels,
                 )
+            if self.entry.init_params is not None:
+                params = self.entry.init_params(params, labels)
             return {
                 "step": jnp.zeros([], jnp.int32),
                 "rng": jax.random.key_data(jax.random.key(seed)),

@@ -109,6 +109,37 @@ def test_remaining_optimizers_take_finite_steps(optimizer, tmp_path):
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["test_loss"])
 
 
+@pytest.mark.parametrize(
+    "optimizer", ["adamp", "sgdp", "nero", "rotational-adamw", "rotational-sgdm"]
+)
+def test_scale_invariance_optimizers_of_the_field(optimizer, tmp_path):
+    """AdamP/SGDP, Nero and the rotational wrapper by name, with their papers'
+    settings: Nero keeps every kernel unit centred at norm 1, the wrapper keeps
+    the norms of the units it rotates (the structural manifold kernels here)."""
+    result = digits.train_and_evaluate(TINY | {"optimizer": optimizer}, str(tmp_path))
+    assert result["step"] == 4 and np.isfinite(result["test_loss"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    defaults = {
+        "adamp": (1e-3, 0.01),
+        "sgdp": (0.1, 1e-5),
+        "nero": (0.01, 0.0),
+        "rotational-adamw": (0.05, 0.01),
+        "rotational-sgdm": (0.5, 1e-4),
+    }
+    assert (config["lr"], config["weight_decay"]) == defaults[optimizer]
+    first, last = metrics(tmp_path)[:2]
+    for key in ("loss", "norm_manifold_mean", "angle_manifold_mean"):
+        assert np.isfinite(last[key]), key
+    if optimizer == "nero":
+        assert last["norm_manifold_min"] == pytest.approx(1.0, abs=1e-5)
+        assert last["norm_manifold_max"] == pytest.approx(1.0, abs=1e-5)
+    if optimizer.startswith("rotational"):
+        assert config["manifold_decay"] == 0.0
+        for key in ("norm_manifold_min", "norm_manifold_max", "norm_manifold_mean"):
+            assert last[key] == pytest.approx(first[key], rel=1e-5), key
+        assert last["angle_manifold_mean"] > 0
+
+
 @pytest.mark.parametrize("name", sorted(data.TFDS_DATASETS))
 def test_tfds_datasets_end_to_end_on_mock_data(name, tmp_path):
     """tfds.data_source on mocked ArrayRecord (no TensorFlow), uint8 images,
