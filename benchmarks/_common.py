@@ -60,7 +60,15 @@ BASELINE_OF = {
     "adamg": "adam",
     "adamsrt": "adam",
     "adams": "adam",
+    "adamp": "adam",
+    "sgdp": "sgd",
+    "nero": "sgd",
+    "rotational-adamw": "adam",
+    "rotational-sgdm": "sgd",
 }
+
+#: The other scale-invariance optimizers, timed as the experiments build them.
+FIELD = ("adamp", "sgdp", "nero", "rotational-adamw", "rotational-sgdm")
 
 
 def _hyper(name: str, omega: float | None = None) -> dict[str, Any]:
@@ -139,6 +147,13 @@ def candidate_rows(
     rows = []
     for name in names:
         base = BASELINE_OF[name]
+        if optimizer_table.lookup(name).companion == "none":
+            rows.append(
+                OptRow(
+                    f"{name} (whole tree)", base, lambda lab, n=name: hybrid_tx(n, lab)
+                )
+            )
+            continue
         rows.append(
             OptRow(f"{name} (hybrid)", base, lambda lab, n=name: hybrid_tx(n, lab))
         )

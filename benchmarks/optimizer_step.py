@@ -6,15 +6,18 @@ random tree. Trees: WRN-28-10 (36.5M parameters) and ResNet-20 (0.27M), built fr
 ``experiments.models.param_shapes`` and filled with random values (manifold kernels on
 the unit sphere, as RBN initialises them).
 
-Rows (labels: ``riemax.labels_by_rule`` tree):
+Rows (labels: ``riemax.labels_by_rule`` tree), every optimizer as the experiments
+build it (``experiments/optimizers.py``), at the table's learning rates:
 
-- ``<opt> (hybrid)``: ``riemax.hybrid(<opt>, chain(add_decayed_weights(5e-4),
-  optax.sgd(0.01, momentum=0.9, nesterov=True)), labels)`` for ``sgdg``, ``adamg``,
-  ``adamsrt``, ``sgdmrt``;
+- ``<opt> (hybrid)``: ``sgdg``/``adamg`` on the manifold kernels with Nesterov SGD
+  and L2 ``5e-4`` elsewhere; ``adamsrt``/``sgdmrt`` per unit on the manifold kernels
+  and element-wise elsewhere, L2 everywhere; ``rotational-adamw``/``-sgdm``: the
+  rotational wrapper on the manifold kernels, AdamW / momentum SGD elsewhere;
 - ``sgdg``/``adamg omega=0 (hybrid)``: the same without the orthogonality penalty
   (two Gram matmuls per manifold kernel, ``4 n out^2`` FLOPs for an ``n x out``
   kernel: the ``gram GFLOP`` note gives the total);
-- ``adamsrt``/``sgdmrt (whole tree)``: the SRT optimizer on every leaf.
+- ``<opt> (whole tree)``: ``adamsrt``/``sgdmrt`` per unit on every leaf; ``adamp``,
+  ``sgdp`` and ``nero`` (which choose per leaf themselves) on every leaf.
 
 Baselines, on the whole tree: ``optax.sgd(0.1, momentum=0.9, nesterov=True)`` for
 the SGD-like rows, ``optax.adam(1e-3)`` for the Adam-like ones. All rows of a model
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import riemax
 from benchmarks._common import (
     BASELINE_DESCRIPTION,
+    FIELD,
     Stepper,
     Table,
     baseline_rows,
@@ -83,7 +87,8 @@ def bench_model(model: str, reps: int, warmup: int, min_rep_s: float) -> Table:
     shapes = param_shapes(model, 10)
     labels = riemax.labels_by_rule(shapes)
     n_manifold = sum(1 for x in jax.tree.leaves(labels) if x == riemax.MANIFOLD)
-    bases, cands = baseline_rows(), candidate_rows()
+    bases = baseline_rows()
+    cands = candidate_rows() + candidate_rows(names=FIELD)
     print(f"{model}: {count_params(shapes):,} params, {len(bases) + len(cands)} rows")
     steppers = make_steppers(shapes, bases + cands)
     time_interleaved(steppers, reps=reps, warmup=warmup, min_rep_s=min_rep_s)

@@ -227,3 +227,33 @@ def test_where_things_live_names_every_module_and_only_existing_files():
     modules = {p.name for p in package.glob("*.py")} - {"__init__.py"}
     assert modules <= named, sorted(modules - named)
     assert named <= modules | {"helpers.py"}, sorted(named - modules)
+
+
+def test_field_examples_run_and_keep_their_claims():
+    """The AdamP/SGDP, Nero and rotational examples of the README run as written."""
+    import jax
+    import jax.numpy as jnp
+
+    scope: dict = {}
+    exec(compile(block_with("riemax.adamp(1e-3"), "README adamp", "exec"), scope)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(scope["params"]))
+    scope = {}
+    exec(compile(block_with("riemax.nero_project"), "README nero", "exec"), scope)
+    kernel = np.asarray(scope["params"]["kernel"]).reshape(-1, 32)
+    np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(kernel.mean(axis=0), 0.0, atol=1e-6)
+    scope = {}
+    exec(compile(block_with("riemax.rotational("), "README rotational", "exec"), scope)
+    assert round(float(scope["rate"]), 4) == 0.0073  # the comment's figure
+    before = np.asarray(
+        scope["riemax"].center_units(
+            {"conv": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 16, 32))}}
+        )["conv"]["kernel"]
+    )
+    after = np.asarray(scope["params"]["conv"]["kernel"])
+    np.testing.assert_allclose(
+        np.linalg.norm(after.reshape(-1, 32), axis=0),
+        np.linalg.norm(before.reshape(-1, 32), axis=0),
+        rtol=1e-5,
+    )
+    assert jnp.isfinite(scope["params"]["head"]["kernel"]).all()
