@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -400,6 +401,9 @@ def main(
     JSON line on stdout). Exits with status 2 on bad input, 1 on divergence."""
     parser = build_parser(prog, defaults)
     args = parser.parse_args(argv)
+    args.command = shlex.join(
+        [*prog.split(), *(sys.argv[1:] if argv is None else argv)]
+    )
     if args.list_presets:
         for name in presets.names():
             print(f"{name:36s} {presets.describe(name)}")
@@ -484,9 +488,7 @@ def _run(args, cfg: dict, preset: str | None):
             optimizers=[x for x in args.optimizers.split(",") if x],
             seeds=args.seeds,
             lr_grid=grid,
-            command=" ".join(["python -m experiments.cifar", *sys.argv[1:]])
-            if sys.argv[1:]
-            else None,
+            command=args.command,
         )
     if resolved["multihost"]:
         train._MULTIHOST_ARGS.update(

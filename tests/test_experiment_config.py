@@ -340,7 +340,24 @@ def test_optimizer_table_defaults_and_validation():
         "sgdmrt",
         "adam",
         "adamw",
+        "adamp",
+        "sgdp",
+        "nero",
+        "rotational-adamw",
+        "rotational-sgdm",
     ]
+    # the defaults of the AdamP and Nero papers (spec section 8)
+    assert optimizers.resolve_hyper("adamp", {}) == {
+        "lr": 1e-3,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "delta": 0.1,
+        "wd_ratio": 0.1,
+        "nesterov": False,
+    }
+    assert optimizers.resolve_hyper("nero", {}) == {"lr": 0.01, "b2": 0.999}
+    assert set(optimizers.group_decays("nero", {}).values()) == {0.0}
     help_text = config_lib.KEYS["optimizer"][1]
     assert all(name in help_text for name in optimizers.names())
     assert optimizers.resolve_hyper("sgdg", {"lr_manifold": 0.3}) == {
