@@ -83,12 +83,19 @@ def make_steppers(shapes, rows, seed: int = 0) -> list[Stepper]:
     return steppers
 
 
-def bench_model(model: str, reps: int, warmup: int, min_rep_s: float) -> Table:
+def bench_model(
+    model: str, reps: int, warmup: int, min_rep_s: float, smoke: bool = False
+) -> Table:
     shapes = param_shapes(model, 10)
     labels = riemax.labels_by_rule(shapes)
     n_manifold = sum(1 for x in jax.tree.leaves(labels) if x == riemax.MANIFOLD)
     bases = baseline_rows()
-    cands = candidate_rows() + candidate_rows(names=FIELD)
+    if smoke:  # each builder once: the four hybrids, one whole-tree and one wrapper
+        cands = candidate_rows(omega_zero=False, whole_tree=False) + candidate_rows(
+            names=("adamp", "rotational-sgdm")
+        )
+    else:
+        cands = candidate_rows() + candidate_rows(names=FIELD)
     print(f"{model}: {count_params(shapes):,} params, {len(bases) + len(cands)} rows")
     steppers = make_steppers(shapes, bases + cands)
     time_interleaved(steppers, reps=reps, warmup=warmup, min_rep_s=min_rep_s)
@@ -146,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         ),
         flush=True,
     )
-    tables = [bench_model(m, args.reps, args.warmup, min_rep_s) for m in models]
+    tables = [
+        bench_model(m, args.reps, args.warmup, min_rep_s, args.smoke) for m in models
+    ]
     print_tables(tables)
     return tables
 

@@ -9,9 +9,14 @@
 
 from __future__ import annotations
 
-import pytest
-from helpers import fast_compile as _fast_compile
-from hypothesis import Phase, settings
+import os
+
+# Subprocesses (the runner's CLI, the notebooks' kernels) compile the same way.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import pytest  # noqa: E402
+from helpers import fast_compile as _fast_compile  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 # No shrinking: a failing example is reported as generated (shrinking a jitted
 # optimizer step can take minutes).
@@ -24,7 +29,30 @@ settings.register_profile(
 settings.load_profile("riemax")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_compile_everywhere():
+    """The suite's programs are tiny and each is compiled a few times at most:
+    XLA's expensive optimisation passes would cost more than they save. Checks of
+    the compiled program itself use ``helpers.full_compile``."""
+    with _fast_compile():
+        yield
+
+
 @pytest.fixture(scope="module")
 def fast_compile():
     with _fast_compile():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module: a long session
+    otherwise holds thousands of executables, and XLA:CPU has crashed compiling
+    the next one in such a process."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

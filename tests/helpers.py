@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import riemax
 
@@ -37,6 +38,22 @@ def x64():
 def fast_compile():
     """Skips most XLA optimisations: tiny test models compile several times faster."""
     return jax_config("jax_disable_most_optimizations", True)
+
+
+def fewer_by_default(cases, keep):
+    """Parametrisation in which the cases whose id (or value) contains one of
+    ``keep`` run by default and the others only in the slow run (``-m slow``)."""
+    out = []
+    for c in cases:
+        values, cid = (c.values, c.id) if hasattr(c, "values") else ((c,), str(c))
+        hit = any(k in cid for k in keep)
+        out.append(pytest.param(*values, id=cid, marks=() if hit else pytest.mark.slow))
+    return out
+
+
+def full_compile():
+    """XLA's whole optimisation pipeline, for checks of the compiled program."""
+    return jax_config("jax_disable_most_optimizations", False)
 
 
 def unit_np(w):

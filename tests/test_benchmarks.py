@@ -21,11 +21,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# compile_memory and scaling time the same steps as optimizer_step and
+# train_step: their smoke runs are in the slow run.
 SCRIPTS = (
     "optimizer_step",
     "train_step",
-    "compile_memory",
-    "scaling",
+    pytest.param("compile_memory", marks=pytest.mark.slow),
+    pytest.param("scaling", marks=pytest.mark.slow),
     "input_pipeline",
 )
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import OPTIMIZERS, unit_norms
+from helpers import OPTIMIZERS, fewer_by_default, unit_norms
 
 import riemax
 
@@ -56,7 +56,14 @@ def test_jit_does_not_recompile(name):
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("name", list(NAMED))
+# every optimizer family by default, each variant in the slow run
+@pytest.mark.parametrize(
+    "name",
+    fewer_by_default(
+        list(NAMED),
+        ["sgdg", "adamg", "adamsrt", "sgdmrt", "adamp", "nero", "rotational-adamw"],
+    ),
+)
 def test_inject_hyperparams_matches_and_controls_the_learning_rate(name):
     plain, injected = OPTIMIZERS[name].make(), OPTIMIZERS[name].injected()
     w = kernel()

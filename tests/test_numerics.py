@@ -23,7 +23,7 @@ from riemax import sphere
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-SETTINGS = settings(max_examples=12)
+SETTINGS = settings(max_examples=8)
 SHAPE = (3, 3, 4, 6)
 DTYPES = {
     "float32": jnp.float32,
@@ -294,9 +294,8 @@ def test_float64_params_keep_float64_state_and_norms():
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FORMS))
-@pytest.mark.parametrize("spike", [1e20, 1e38, float("inf")])
 @pytest.mark.parametrize("clip", [True, False])
-def test_apply_if_finite_goes_on_after_a_spike(name, spike, clip):
+def test_apply_if_finite_goes_on_after_a_spike(name, clip):
     """One gradient of magnitude 1e20 or 1e38 (finite: the optimizer takes it) or
     inf (apply_if_finite skips it), then ordinary gradients: every update stays
     finite, as optax.adam's do, and the params go on moving. With the default
@@ -306,21 +305,22 @@ def test_apply_if_finite_goes_on_after_a_spike(name, spike, clip):
         pytest.skip("only SGD-G and Adam-G clip")
     kw = {} if clip else {"grad_clip": None}
     tx = optax.apply_if_finite(ALL_FORMS[name](**kw), max_consecutive_errors=5)
-    w = jnp.asarray(unit_rand(3), jnp.float32)
-    grads = [jnp.asarray(rand(4 + k), jnp.float32) for k in range(4)]
-    grads[1] = jnp.sign(grads[1]) * jnp.float32(spike)
-    ws, ups, states = run(tx, w, grads)
-    assert all_finite(ups) and all_finite(ws), name
-    skipped = int(states[1].total_notfinite)
-    assert skipped == (1 if spike == float("inf") else 0)
-    if skipped or (clip and base in SPHERE_OPTIMIZERS):
-        assert all_finite(states[-1].inner_state), name
-        assert float(jnp.max(jnp.abs(ws[-1] - ws[-2]))) > 0
-    if base in SPHERE_OPTIMIZERS:
-        np.testing.assert_allclose(unit_norms(ws[-1]), 1.0, atol=1e-5)
-    # The same sequence through optax.adam: its updates are finite as well.
     adam = optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=5)
-    assert all_finite(run(adam, w, grads)[1])
+    w = jnp.asarray(unit_rand(3), jnp.float32)
+    for spike in (1e20, 1e38, float("inf")):  # one compiled step serves all three
+        grads = [jnp.asarray(rand(4 + k), jnp.float32) for k in range(4)]
+        grads[1] = jnp.sign(grads[1]) * jnp.float32(spike)
+        ws, ups, states = run(tx, w, grads)
+        assert all_finite(ups) and all_finite(ws), (name, spike)
+        skipped = int(states[1].total_notfinite)
+        assert skipped == (1 if spike == float("inf") else 0), spike
+        if skipped or (clip and base in SPHERE_OPTIMIZERS):
+            assert all_finite(states[-1].inner_state), (name, spike)
+            assert float(jnp.max(jnp.abs(ws[-1] - ws[-2]))) > 0
+        if base in SPHERE_OPTIMIZERS:
+            np.testing.assert_allclose(unit_norms(ws[-1]), 1.0, atol=1e-5)
+        # The same sequence through optax.adam: its updates are finite as well.
+        assert all_finite(run(adam, w, grads)[1])
 
 
 def test_sgdmrt_is_finite_as_far_as_optax_sgd():
