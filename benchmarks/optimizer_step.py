@@ -90,10 +90,10 @@ def bench_model(
     labels = riemax.labels_by_rule(shapes)
     n_manifold = sum(1 for x in jax.tree.leaves(labels) if x == riemax.MANIFOLD)
     bases = baseline_rows()
-    if smoke:  # each builder once: the four hybrids, one whole-tree and one wrapper
-        cands = candidate_rows(omega_zero=False, whole_tree=False) + candidate_rows(
-            names=("adamp", "rotational-sgdm")
-        )
+    if smoke:  # each kind of row once: a hybrid, a whole-tree one and a wrapper
+        cands = candidate_rows(
+            omega_zero=False, whole_tree=False, names=("sgdg",)
+        ) + candidate_rows(names=("adamp", "rotational-sgdm"))
     else:
         cands = candidate_rows() + candidate_rows(names=FIELD)
     print(f"{model}: {count_params(shapes):,} params, {len(bases) + len(cands)} rows")

@@ -29,6 +29,12 @@ settings.register_profile(
 settings.load_profile("riemax")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the cores (the notebook kernels and the
+    runner's subprocesses leave a worker waiting), at most 4."""
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _fast_compile_everywhere():
     """The suite's programs are tiny and each is compiled a few times at most:
