@@ -1,8 +1,10 @@
 """Shared fixtures and settings of the test suite.
 
-* ``fast_compile``: XLA's most expensive optimizations off for one module (tiny
-  models compile several times faster); use it with
-  ``pytestmark = pytest.mark.usefixtures("fast_compile")``.
+* XLA's most expensive optimizations are off for the whole session and its
+  subprocesses (tiny programs compile several times faster); checks of compiled
+  programs turn them on with ``helpers.full_compile``.
+* pytest-xdist's ``-n auto`` worker count, and compiled programs released after
+  every module.
 * hypothesis: a deterministic profile without deadlines (compilation times vary)
   and without shrinking.
 """
@@ -40,12 +42,6 @@ def _fast_compile_everywhere():
     """The suite's programs are tiny and each is compiled a few times at most:
     XLA's expensive optimisation passes would cost more than they save. Checks of
     the compiled program itself use ``helpers.full_compile``."""
-    with _fast_compile():
-        yield
-
-
-@pytest.fixture(scope="module")
-def fast_compile():
     with _fast_compile():
         yield
 

@@ -1,9 +1,6 @@
 """Smoke tests of benchmarks/: each script's ``main(["--smoke"])`` runs in-process
 (tiny trees and models, one repetition) and returns printed markdown tables whose
 ratios are finite. Nothing about speed is asserted.
-
-XLA's most expensive optimizations are disabled for this module (compile time
-dominates at these sizes), and restored afterwards.
 """
 
 from __future__ import annotations
@@ -30,9 +27,6 @@ SCRIPTS = (
     pytest.param("scaling", marks=pytest.mark.slow),
     "input_pipeline",
 )
-
-
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

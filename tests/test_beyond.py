@@ -32,7 +32,6 @@ BRANCH_NAMES = {
     _adamp.CHANNEL: "channel",
     _adamp.LAYER: "layer",
 }
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 NEW = [
     "adamp",

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import fast_compile, fewer_by_default
+from helpers import fewer_by_default
 
 from experiments import cifar, compare, data, digits, train
 from experiments.config import ConfigError
@@ -45,12 +45,6 @@ TINY_FLAGS = [
     "--log_every=2",
 ]
 TIMING = {"step_time_s", "images_per_s"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    with fast_compile():
-        yield
 
 
 def subprocess_env(**extra):

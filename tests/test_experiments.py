@@ -12,17 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from helpers import fast_compile
 
 import riemax
 from experiments import models
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    with fast_compile():
-        yield
-
 
 # --------------------------------------------------------------------------------------
 # models.py

@@ -19,9 +19,6 @@ from riemax._labels import check_labels
 M, E = riemax.MANIFOLD, riemax.EUCLIDEAN
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 def flat(tree):
     return {
         riemax._tree.path_str(p): v

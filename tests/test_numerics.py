@@ -21,8 +21,6 @@ from hypothesis import strategies as st
 import riemax
 from riemax import sphere
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 SETTINGS = settings(max_examples=8)
 SHAPE = (3, 3, 4, 6)
 DTYPES = {
