@@ -148,10 +148,6 @@ def _nero_project(params, labels):
     return riemax.nero_project(params)
 
 
-def _center_units(params, labels):
-    return riemax.center_units(params, labels)
-
-
 def _adam(learning_rate, *, b1, b2, eps):
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
@@ -336,7 +332,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             companion="adamw",
             decay="decoupled",
             fixed_norm=True,
-            init_params=_center_units,
+            init_params=riemax.center_units,
             paper_labels="ndim",
             description="AdamW's direction rotating the manifold kernels at the "
             "equilibrium rate, AdamW elsewhere (Kosson et al. 2024, ResNet-20)",
@@ -348,7 +344,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             lr=0.5,
             companion="sgdm",
             fixed_norm=True,
-            init_params=_center_units,
+            init_params=riemax.center_units,
             paper_labels="ndim",
             description="momentum SGD's direction rotating the manifold kernels at "
             "the equilibrium rate, momentum SGD elsewhere (Kosson et al. 2024)",

@@ -232,9 +232,11 @@ def _paper_labels(params: Any, rule: str) -> tuple[Any, dict[str, str]]:
         )
         why = {
             "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): (
-                "rule: ndim >= 2"
+                "rule: at least two axes"
+                if p.ndim >= 2
+                else "rule: fewer than two axes"
             )
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            for path, p in jax.tree_util.tree_flatten_with_path(params)[0]
         }
         return labels, why
     if rule == "srt":

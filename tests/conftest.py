@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Subprocesses (the runner's CLI, the notebooks' kernels) compile the same way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from helpers import fast_compile as _fast_compile  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
@@ -52,9 +54,5 @@ def _release_compiled_programs():
     otherwise holds thousands of executables, and XLA:CPU has crashed compiling
     the next one in such a process."""
     yield
-    import gc
-
-    import jax
-
     jax.clear_caches()
     gc.collect()

@@ -200,8 +200,7 @@ def test_adamg_capped_caps_every_step_and_matches_a_reference(composed):
 
         @jax.jit
         def step(grads, state, params):
-            updates, state = tx.update(grads, state, params)
-            new = optax.apply_updates(params, updates)
+            new, state = apply_step(tx)(grads, state, params)
             largest = diagnostics.summary(diagnostics.angles_moved(params, new))["max"]
             return new, state, largest
 
@@ -244,9 +243,6 @@ def test_where_things_live_names_every_module_and_only_existing_files():
 
 def test_field_examples_run_and_keep_their_claims():
     """The AdamP/SGDP, Nero and rotational examples of the README run as written."""
-    import jax
-    import jax.numpy as jnp
-
     scope: dict = {}
     exec(compile(block_with("riemax.adamp(1e-3"), "README adamp", "exec"), scope)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(scope["params"]))
