@@ -52,7 +52,7 @@ from riemax._numerics import (
     safe_sqrt,
     to_acc,
     unit_axes,
-    unit_gram,
+    unit_gram_program,
     unscaled,
 )
 from riemax._tree import path_str
@@ -138,11 +138,11 @@ def _projection(w, g, d, *, eps, delta, wd_ratio, mode) -> _Projection | None:
     dtype = d.dtype
     invariant = mode == MANIFOLD
     if invariant:
-        gr = unit_gram((w, d), ((0, 0), (0, 1)))
+        gr = yield from unit_gram_program((w, d), ((0, 0), (0, 1)))
         ww, wd = gr.values
         e_w, e_d = gr.exps
     else:
-        gr = unit_gram((w, d, g), ((0, 0), (0, 1), (2, 2), (0, 2)))
+        gr = yield from unit_gram_program((w, d, g), ((0, 0), (0, 1), (2, 2), (0, 2)))
         ww, wd, gg, wg = gr.values
         e_w, e_d, e_g = gr.exps
     # Channel view: d_j - w_j~ rho_j^2 <w_j~, d_j~> 2**e_d, rho_j = 1 / (|w_j~| +
@@ -210,7 +210,9 @@ def _adamp_leaf(
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     den = safe_sqrt(v) / jnp.sqrt(bc2) + eps  # gradient 0, not NaN, at v = 0
     d = (b1 * m + (1 - b1) * g if nesterov else m) / den
-    proj = _projection(w_acc, g, d, eps=eps, delta=delta, wd_ratio=wd_ratio, mode=mode)
+    proj = yield from _projection(
+        w_acc, g, d, eps=eps, delta=delta, wd_ratio=wd_ratio, mode=mode
+    )
     d, ratio, branch = _project(d, w_acc, proj)
     update = -(lr * weight_decay * ratio) * w_acc - (lr / bc1) * d
     return update.astype(w.dtype), m, v, branch
@@ -235,7 +237,9 @@ def _sgdp_leaf(
     g, buf, w_acc = to_acc(g), to_acc(buf), to_acc(w)
     buf = momentum * buf + (1 - dampening) * g
     d = g + momentum * buf if nesterov else buf
-    proj = _projection(w_acc, g, d, eps=eps, delta=delta, wd_ratio=wd_ratio, mode=mode)
+    proj = yield from _projection(
+        w_acc, g, d, eps=eps, delta=delta, wd_ratio=wd_ratio, mode=mode
+    )
     d, ratio, branch = _project(d, w_acc, proj)
     if not nesterov:
         buf = d  # the original projects the buffer itself, in place
@@ -365,11 +369,12 @@ def scale_by_adamp(
         modes = _modes(owner, params, scale_invariant)
 
         def leaf(g, m, v, mode, w):
-            return _adamp_leaf(
+            out = yield from _adamp_leaf(
                 g, m, v, w, lr=lr, count=count, b1=b1, b2=b2, eps=eps,
                 weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
                 nesterov=nesterov, mode=mode,
-            )[:3]  # fmt: skip
+            )  # fmt: skip
+            return out[:3]
 
         results = leaf_map(
             owner, leaf, updates, state.mu, state.nu, modes, params=params, units=False
@@ -467,11 +472,12 @@ def scale_by_sgdp(
         modes = _modes(owner, params, scale_invariant)
 
         def leaf(g, buf, mode, w):
-            return _sgdp_leaf(
+            out = yield from _sgdp_leaf(
                 g, buf, w, lr=lr, momentum=momentum, dampening=dampening,
                 weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta,
                 wd_ratio=wd_ratio, mode=mode,
-            )[:2]  # fmt: skip
+            )  # fmt: skip
+            return out[:2]
 
         results = leaf_map(
             owner, leaf, updates, state.trace, modes, params=params, units=False

@@ -26,7 +26,7 @@ import optax
 
 from riemax._numerics import (
     exponent,
-    gram,
+    gram_program,
     group_axes,
     group_size,
     per_unit,
@@ -181,11 +181,13 @@ def scale_by_adams(
             g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
             rt = transport and d > 1
             if rt:
-                gr = gram((w_acc, m, g), _SRT_PAIRS, axes, verify_zero=(0,))
+                gr = yield from gram_program(
+                    (w_acc, m, g), _SRT_PAIRS, axes, verify_zero=(0,)
+                )
                 ww, wm, gg = gr.values[0], gr.values[1], gr.values[5]
                 e_w, e_m, e_g = gr.exps
             else:
-                gr = gram((g,), ((0, 0),), axes, verify_zero=())
+                gr = yield from gram_program((g,), ((0, 0),), axes, verify_zero=())
                 gg, e_g = gr.values[0], gr.exps[0]
             # v is the mean square of g over the group.
             rms = unscaled(safe_sqrt(gg / d), e_g)
@@ -322,7 +324,9 @@ def scale_by_sgdmrt(
                 # b is stored at the params it moved (x1). The original transports
                 # it after the step; with x1 = x2 + lr b that equals projecting it
                 # at x2 = w now. A group at exactly zero keeps its buffer.
-                gr = gram((w_acc, b), ((0, 0), (0, 1)), axes, verify_zero=(0,))
+                gr = yield from gram_program(
+                    (w_acc, b), ((0, 0), (0, 1)), axes, verify_zero=(0,)
+                )
                 c = -unscaled(safe_div(gr.values[1], gr.values[0]), gr.exps[1])
                 c, r_w = per_unit(c, gr.factor(0))
                 b = b + c * (w_acc * r_w)

@@ -51,7 +51,7 @@ from riemax._numerics import (
     safe_div,
     safe_sqrt,
     to_acc,
-    unit_gram,
+    unit_gram_program,
     unscaled,
 )
 from riemax._unitwise import (
@@ -65,7 +65,7 @@ from riemax._unitwise import (
     need_params,
     schedule_value,
     stateless,
-    unit_of,
+    unit_of_program,
     unzip,
     zeros_like_state,
     zeros_per_unit,
@@ -170,8 +170,9 @@ def grassmann_project(unit_eps: float = 1e-8) -> optax.GradientTransformation:
     check_unit_eps("grassmann_project", unit_eps)
 
     def leaf(g, w):
-        y, w_norm = unit_of(w, unit_eps)
-        return sphere.project(y, g) * jnp.where(w_norm > 0, w_norm, 1)
+        y, w_norm = yield from unit_of_program(w, unit_eps)
+        h = yield from sphere.project_program(y, g)
+        return h * jnp.where(w_norm > 0, w_norm, 1)
 
     return stateless("grassmann_project", leaf)
 
@@ -209,7 +210,9 @@ def clip_tangent_norm(max_norm: float | None) -> optax.GradientTransformation:
         return optax.identity()
     check_number("clip_tangent_norm", "max_norm", max_norm)
     return stateless(
-        "clip_tangent_norm", lambda h: sphere.clip(h, max_norm), needs_params=False
+        "clip_tangent_norm",
+        lambda h: sphere.clip_program(h, max_norm),
+        needs_params=False,
     )
 
 
@@ -276,11 +279,11 @@ def transported_momentum(
         need_params(owner, params)
 
         def leaf(u, s, w):
-            y, w_norm = unit_of(w, unit_eps)
+            y, w_norm = yield from unit_of_program(w, unit_eps)
             live = w_norm > 0
-            tau = jnp.where(live, sphere.carry(y, to_acc(s)), 0)
+            tau = jnp.where(live, (yield from sphere.carry_program(y, to_acc(s))), 0)
             d = momentum * tau + to_acc(u)
-            gr = unit_gram([d], [(0, 0)])
+            gr = yield from unit_gram_program([d], [(0, 0)])
             n = safe_sqrt(gr.values[0])
             _, _, theta, rho = sphere.exp_coefficients(n, gr.exps[0], unit_eps)
             # x = rho d, alpha = rho theta: the original's transported length.
@@ -377,13 +380,16 @@ def spherical_adam(
             lr = schedule_value(learning_rate, state.count)
 
         def leaf(h, s, v, w):
-            y, w_norm = unit_of(w, unit_eps)
+            y, w_norm = yield from unit_of_program(w, unit_eps)
             live = w_norm > 0
             s, h = to_acc(s), to_acc(h)
-            tau = sphere.carry(y, s) if lr is not None else _restored(y, s)
+            if lr is not None:
+                tau = yield from sphere.carry_program(y, s)
+            else:
+                tau = yield from _restored(y, s)
             m = b1 * jnp.where(live, tau, 0) + (1 - b1) * h
             size = h.size // h.shape[-1]
-            gr = unit_gram([h, m], [(0, 0), (1, 1)])
+            gr = yield from unit_gram_program([h, m], [(0, 0), (1, 1)])
             rms = unscaled(safe_sqrt(gr.values[0] / size), gr.exps[0])
             v = b2 * v + (1 - b2) * rms * rms
             scale = sphere.adamg_scale(v, size, count, b1, b2, eps)
@@ -418,8 +424,8 @@ _LEGACY_KEPT = 2.0**-4
 
 def _restored(y, m):
     """``m`` projected at ``y`` and rescaled to its norm (step angle unknown)."""
-    p = sphere.project(y, m)
-    gr = unit_gram([p, m], [(0, 0), (1, 1)])
+    p = yield from sphere.project_program(y, m)
+    gr = yield from unit_gram_program([p, m], [(0, 0), (1, 1)])
     n_p, n_m = safe_sqrt(gr.values[0]), safe_sqrt(gr.values[1])
     n_p_true, n_m_true = unscaled(n_p, gr.exps[0]), unscaled(n_m, gr.exps[1])
     keep = n_p_true >= _LEGACY_KEPT * n_m_true
@@ -463,8 +469,8 @@ def exp_map_update(unit_eps: float = 1e-8) -> optax.GradientTransformation:
     check_unit_eps("exp_map_update", unit_eps)
 
     def leaf(d, w):
-        y, w_norm = unit_of(w, unit_eps)
-        new = sphere.expmap(y, d, unit_eps)
+        y, w_norm = yield from unit_of_program(w, unit_eps)
+        new = yield from sphere.expmap_program(y, d, unit_eps)
         return jnp.where(w_norm > 0, new - to_acc(w), d)
 
     return stateless("exp_map_update", leaf)
@@ -522,7 +528,7 @@ def ortho_penalty(
     def leaf(g, w):
         if at == "param":
             return g + omega * sphere.gram_residual_grad(to_acc(w))
-        y, w_norm = unit_of(w, unit_eps)
+        y, w_norm = yield from unit_of_program(w, unit_eps)
         return g + safe_div(omega * sphere.gram_residual_grad(y), w_norm)
 
     return stateless("ortho_penalty", leaf)

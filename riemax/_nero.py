@@ -24,11 +24,12 @@ from riemax._numerics import (
     acc_dtype,
     centered,
     exponent,
-    gram,
+    gram_program,
     group_size,
     kept_shape,
     norm,
     normalize,
+    normalize_program,
     per_unit,
     pow2,
     root_ema,
@@ -212,7 +213,7 @@ def scale_by_nero(
             # Root mean square of g over the neuron (|g| for one element), and
             # its moving average; g~ = g 2**-e_g per neuron.
             if axes:
-                gr = gram((w_acc, g), ((1, 1),), axes)
+                gr = yield from gram_program((w_acc, g), ((1, 1),), axes)
                 e_g, f_g = gr.exps[1], gr.factor(1)
                 rms = unscaled(safe_sqrt(gr.values[0] / n), e_g)
             else:
@@ -234,7 +235,7 @@ def scale_by_nero(
             f_w, f_g, beta = per_unit(gr.factor(0), f_g, beta)
             q = (w_acc * f_w) - beta * (g * f_g)
             mean = jnp.mean(q, axis=axes, keepdims=True)
-            c = normalize(q - mean, axes, 0.0)
+            c = yield from normalize_program(q - mean, axes, 0.0)
             return (c[0] - w_acc).astype(w.dtype), nu
 
         results = leaf_map(

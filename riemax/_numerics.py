@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -216,6 +216,357 @@ def _as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return x.reshape(rows, -1)
 
 
+class UnitRequest(NamedTuple):
+    """A leaf's per-unit statistics and what to compute from them.
+
+    A leaf program (:func:`drive`) yields one and receives its result. The
+    statistics are per-group inner products of the leaf's arrays (a :class:`Gram`)
+    and ``extra`` per-unit sums; ``then(gram, inputs, extra)`` turns them into the
+    per-unit quantities the leaf needs (``inputs``: per-unit arrays of the leaf,
+    such as a second moment). ``then`` acts elementwise on units, so
+    :func:`resolve` runs it once on the units of every leaf of a step,
+    concatenated.
+
+    The statistics come in two forms, with one decision for the whole step:
+
+    * fast: ``sums`` are plain sums from one pass over memory (replaced by
+      harmless values in a leaf whose ``ok`` fails, so that the discarded value
+      and its gradient stay finite); the scaled Gram follows from them exactly
+      where every sum is finite and every squared norm is zero (arrays not in
+      ``verify``) or at least ``floor``;
+      and ``extra`` is -1 (no direct sum). ``check(gram)`` says where ``then``
+      is exact with that ``extra`` (Gram identities that do not cancel);
+    * exact, when any of those tests or ``check`` fails: ``exact()`` returns the Gram
+      summed on arrays rescaled by powers of two, and ``extra``, sums taken
+      directly where the Gram identities of ``then`` cancel (-1 elsewhere).
+    """
+
+    sums: tuple[jax.Array, ...]
+    floor: float
+    verify: tuple[int, ...]
+    exact: Callable[[], tuple[Gram, Any]]
+    pairs: tuple[tuple[int, int | None], ...]
+    diagonal: tuple[int, ...]
+    keep: tuple[int, ...]
+    then: Callable[..., Any] | None = None
+    inputs: Any = None
+    check: Callable[[Gram], Any] | None = None
+
+
+def _from_plain(sums, pairs, diagonal) -> Gram:
+    """The scaled Gram from plain sums (exact where the sums are)."""
+    exps = [exponent(safe_sqrt(jax.lax.stop_gradient(sums[d]))) for d in diagonal]
+    dtype = sums[0].dtype
+    factors = [pow2(-e, dtype) for e in exps]
+    values = tuple(
+        sums[i] * factors[p] * (1 if q is None else factors[q])
+        for i, (p, q) in enumerate(pairs)
+    )
+    return Gram(values, tuple(exps))
+
+
+def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
+    """Per-unit trees of several leaves as one tree of flat arrays.
+
+    Every array of a dtype goes through one concatenation and one barrier
+    (:func:`_once`), so that the per-unit math reads materialised arrays instead
+    of fusing a concatenation of every leaf into each of its loops.
+    """
+    leaves_of = [jax.tree.leaves(t) for t in trees]
+    treedef = jax.tree.structure(trees[0])
+    if not leaves_of[0]:
+        return trees[0]
+    sizes = [math.prod(k) for k in keeps]
+    columns = []
+    for j in range(len(leaves_of[0])):
+        flat = [
+            jnp.broadcast_to(leaves[j], k).reshape(-1)
+            for leaves, k in zip(leaves_of, keeps, strict=True)
+        ]
+        columns.append(flat)
+    by_dtype: dict[Any, list[int]] = {}
+    for j, column in enumerate(columns):
+        by_dtype.setdefault(column[0].dtype, []).append(j)
+    out: list[Any] = [None] * len(columns)
+    total = sum(sizes)
+    for index in by_dtype.values():
+        blocks = [jnp.stack([columns[j][i] for j in index]) for i in range(len(sizes))]
+        joined = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+        joined = _barrier(joined.reshape(len(index), total))
+        for k, j in enumerate(index):
+            out[j] = joined[k]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _barrier(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, through a reduction that XLA does not fuse into consumers."""
+    if x.dtype == jnp.bool_:
+        return _barrier(x.astype(jnp.int8)).astype(jnp.bool_)
+    first = (jnp.arange(2) == 0).reshape((2,) + (1,) * x.ndim)
+    return jnp.sum(jnp.where(first, x[None], jnp.zeros((), x.dtype)), 0, dtype=x.dtype)
+
+
+def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
+    sizes = [math.prod(k) for k in keeps]
+    total = sum(sizes)
+    bounds = np.cumsum([0, *sizes])
+
+    def part(x, i):
+        x = jnp.broadcast_to(x, (total,))
+        if len(keeps) == 1:
+            return x.reshape(keeps[0])
+        return x[bounds[i] : bounds[i + 1]].reshape(keeps[i])
+
+    return [jax.tree.map(lambda x, i=i: part(x, i), tree) for i in range(len(keeps))]
+
+
+def _group_key(r: UnitRequest) -> tuple:
+    return (r.then, r.check, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
+
+
+def _all_pairs(r: UnitRequest) -> tuple[tuple[int, int | None], ...]:
+    """The pairs summed by the plain pass: the requested ones, then the squared
+    norm of every array that no requested pair gives."""
+    listed = {p for p, q in r.pairs if p == q}
+    return r.pairs + tuple((p, p) for p in range(len(r.diagonal)) if p not in listed)
+
+
+def _pack(arrays: Sequence[jax.Array]) -> jax.Array:
+    return jnp.stack(arrays) if len(arrays) > 1 else arrays[0][None]
+
+
+def _once(tree: Any) -> Any:
+    """``tree`` (per-unit arrays) evaluated once, before the leaves read slices of
+    it: without a barrier, XLA fuses the whole per-unit computation into every
+    consumer of every slice (see :func:`per_unit`)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    total = max(x.size for x in leaves)
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        by_dtype.setdefault(x.dtype, []).append(i)
+    out = list(leaves)
+    for index in by_dtype.values():
+        stacked = jnp.stack([jnp.broadcast_to(leaves[i], (total,)) for i in index])
+        once = _barrier(stacked)
+        for k, i in enumerate(index):
+            out[i] = once[k]
+    return jax.tree.unflatten(treedef, out)
+
+
+def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
+    """The results of many :class:`UnitRequest`: one decision for all, and one
+    ``then`` per kind of request on the units of all leaves together."""
+    requests = list(requests)
+    if not requests:
+        return []
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(_group_key(r), []).append(i)
+    members_of = list(groups.values())
+    keeps_of = [[requests[i].keep for i in members] for members in members_of]
+    checks = []
+    fast = []
+    for members, keeps in zip(members_of, keeps_of, strict=True):
+        first = requests[members[0]]
+        sums = _concat([requests[i].sums for i in members], keeps)
+        floor = _concat(
+            [jnp.asarray(requests[i].floor, sums[0].dtype) for i in members], keeps
+        )
+        ok = jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]), axis=0)
+        for p, d in enumerate(first.diagonal):
+            sq = jax.lax.stop_gradient(sums[d])
+            zero_ok = (sq == 0) & (p not in first.verify)
+            ok = ok & ((sq >= floor) | zero_ok)
+        # Harmless sums where the test fails: orthonormal arrays of norm 1.
+        sums = tuple(
+            jnp.where(ok, s, 1.0 if p == q else 0.0)
+            for s, (p, q) in zip(sums, _all_pairs(first), strict=True)
+        )
+        checks.append(ok)
+        gram = _from_plain(sums, first.pairs, first.diagonal)
+        if first.check is not None:
+            checks.append(first.check(gram))
+        fast.append((gram, jnp.full_like(gram.values[0], -1)))
+
+    def exact():
+        out = []
+        for members, keeps in zip(members_of, keeps_of, strict=True):
+            parts = [requests[i].exact() for i in members]
+            gram = _concat([p[0] for p in parts], keeps)
+            extra = parts[0][1]
+            if extra is None:
+                extra = jnp.full_like(gram.values[0], -1)
+            else:
+                extra = _concat([p[1] for p in parts], keeps)
+            out.append((gram, extra))
+        return packed(out)
+
+    def packed(stats):
+        # Two arrays per group (values and exponents) cross the branch: the
+        # compile time of a conditional grows with its number of outputs.
+        return [(_pack((*g.values, x)), _pack(g.exps)) for g, x in stats]
+
+    checks = [jnp.all(c) for c in checks if c is not True]
+    if checks:
+        ok = jnp.all(jnp.stack(checks))
+        stats = jax.lax.cond(ok, lambda: packed(fast), exact)
+        fast = [(Gram(tuple(v[:-1]), tuple(e)), v[-1]) for v, e in stats]
+    results: list[Any] = [None] * len(requests)
+    for members, keeps, (gram, extra) in zip(members_of, keeps_of, fast, strict=True):
+        first = requests[members[0]]
+        if first.then is None:
+            out = _once(gram)
+        else:
+            inputs = _concat([requests[i].inputs for i in members], keeps)
+            out = _once(first.then(gram, inputs, extra))
+        for i, value in zip(members, _split(out, keeps), strict=True):
+            results[i] = value
+    return results
+
+
+class Fallback(NamedTuple):
+    """A per-unit value with a careful form where its fast form is not exact.
+
+    ``value`` is the fast form, ``mask`` marks the units where it is not exact,
+    and ``compute()`` gives the careful form (e.g. sums taken directly where a
+    Gram identity cancels). One conditional for every leaf of a round: the
+    careful forms are computed only when some mask is set anywhere.
+    """
+
+    value: Any
+    mask: jax.Array
+    compute: Callable[[], Any]
+
+
+def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
+    if not requests:
+        return []
+    needed = jnp.any(jnp.stack([jnp.any(r.mask) for r in requests]))
+
+    def careful():
+        return [
+            jax.tree.map(
+                lambda c, v, r=r: jnp.where(r.mask, c, v), r.compute(), r.value
+            )
+            for r in requests
+        ]
+
+    return jax.lax.cond(needed, careful, lambda: [r.value for r in requests])
+
+
+def _resolve_any(requests: Sequence[Any]) -> list[Any]:
+    """:func:`resolve` for the :class:`UnitRequest` and :func:`_resolve_fallbacks`
+    for the :class:`Fallback` requests of one round."""
+    kinds = [isinstance(r, Fallback) for r in requests]
+    units = resolve([r for r, k in zip(requests, kinds, strict=True) if not k])
+    falls = _resolve_fallbacks([r for r, k in zip(requests, kinds, strict=True) if k])
+    units_it, falls_it = iter(units), iter(falls)
+    return [next(falls_it) if k else next(units_it) for k in kinds]
+
+
+def drive(programs: Sequence[Any]) -> list[Any]:
+    """Runs per-leaf programs in lockstep, resolving their requests together.
+
+    A program is a generator that yields :class:`UnitRequest` and receives their
+    results (``value = yield request``), or any other object (a finished
+    result). All programs advance one request at a time: the requests of one
+    round are resolved by one :func:`resolve`, so the lowered step holds one
+    conditional per round and one copy of the per-unit math of each kind of
+    request, whatever the number of leaves.
+    """
+    results = list(programs)
+    sends: list[Any] = [None] * len(results)
+    active = [i for i, p in enumerate(results) if isinstance(p, Generator)]
+    while active:
+        waiting, requests = [], []
+        for i in active:
+            try:
+                request = results[i].send(sends[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                continue
+            waiting.append(i)
+            requests.append(request)
+        if requests:
+            for i, value in zip(waiting, _resolve_any(requests), strict=True):
+                sends[i] = value
+        active = waiting
+    return results
+
+
+def run(program: Any) -> Any:
+    """The result of one program (:func:`drive` of a single leaf)."""
+    return drive([program])[0]
+
+
+def gram_request(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
+    then: Callable[..., Any] | None = None,
+    inputs: Any = None,
+    extra: Callable[[Gram], Any] | None = None,
+    check: Callable[[Gram], Any] | None = None,
+) -> UnitRequest:
+    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
+
+    ``extra(gram)`` computes, on the exact branch only, the direct sums that
+    ``then`` uses where its Gram identities cancel.
+    """
+    axes = tuple(axes)
+    if not axes:
+        raise ValueError("gram_request needs at least one reduced axis.")
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    keep = kept_shape(shape, axes)
+    count = len(arrays)
+    pairs = tuple(pairs)
+    diagonal_of = {p: i for i, (p, q) in enumerate(pairs) if p == q}
+    missing = [p for p in range(count) if p not in diagonal_of]
+    all_pairs = pairs + tuple((p, p) for p in missing)
+    diagonal_of.update({p: len(pairs) + k for k, p in enumerate(missing)})
+    diagonal = tuple(diagonal_of[p] for p in range(count))
+    mats = [_as_matrix(a, axes) for a in arrays]
+    sums = tuple(s.reshape(keep) for s in _one_pass(mats, all_pairs))
+    info = jnp.finfo(dtype)
+    floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
+    verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
+
+    def exact():
+        maxes = [jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats]
+        exps = [exponent(jax.lax.stop_gradient(m)) for m in maxes]
+        scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
+        values = _one_pass(scaled_mats, pairs)
+        gram = Gram(
+            tuple(v.reshape(keep) for v in values),
+            tuple(e.reshape(keep) for e in exps),
+        )
+        return gram, (None if extra is None else extra(gram))
+
+    return UnitRequest(
+        sums, floor, verify, exact, pairs, diagonal, keep, then, inputs, check
+    )
+
+
+def gram_program(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Generator:
+    """:func:`gram` as a program for :func:`drive`."""
+    axes = tuple(axes)
+    if not axes:  # one element per group: products cannot be rescaled usefully
+        values = tuple(_product(arrays, p, q) for p, q in pairs)
+        exps = tuple(jnp.zeros(arrays[0].shape, jnp.int32) for _ in arrays)
+        return Gram(values, exps)
+    return (yield gram_request(arrays, pairs, axes, verify_zero=verify_zero))
+
+
 def gram(
     arrays: Sequence[jax.Array],
     pairs: Sequence[tuple[int, int | None]],
@@ -234,8 +585,10 @@ def gram(
     squared norm). Where each squared norm is finite and far above the smallest
     normal number, the plain sums are accurate, and the scaled values, with
     ``E_p`` the exponent of ``||x_p||``, follow from them exactly (a multiplication
-    by powers of two). Otherwise a rarely taken branch (:func:`jax.lax.cond`)
-    scales every array by the exponent of its largest magnitude and sums again.
+    by powers of two). Otherwise every array is scaled by the exponent of its
+    largest magnitude and summed again. Inside an optimizer step that choice is
+    made once for the whole parameter tree (:func:`gram_request`,
+    :func:`drive`); called alone, it is one :func:`jax.lax.cond`.
 
     A group whose squared norm is exactly zero counts as zero, except for the
     arrays in ``verify_zero`` (default: all), for which the exact branch tells a
@@ -243,48 +596,7 @@ def gram(
     ``1e-19`` in float32). Other arrays' groups of such magnitudes count as zero:
     their contribution is below float32 resolution next to any other term.
     """
-    axes = tuple(axes)
-    shape, dtype = arrays[0].shape, arrays[0].dtype
-    keep = kept_shape(shape, axes)
-    if not axes:  # one element per group: products cannot be rescaled usefully
-        values = tuple(_product(arrays, p, q) for p, q in pairs)
-        return Gram(values, tuple(jnp.zeros(shape, jnp.int32) for _ in arrays))
-    count = len(arrays)
-    diagonal = {p: i for i, (p, q) in enumerate(pairs) if p == q}
-    missing = [p for p in range(count) if p not in diagonal]
-    all_pairs = tuple(pairs) + tuple((p, p) for p in missing)
-    diagonal.update({p: len(pairs) + k for k, p in enumerate(missing)})
-    mats = [_as_matrix(a, axes) for a in arrays]
-    sums = _one_pass(mats, all_pairs)
-    squares = [jax.lax.stop_gradient(sums[diagonal[p]]) for p in range(count)]
-    info = jnp.finfo(dtype)
-    floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
-    verify = range(count) if verify_zero is None else tuple(verify_zero)
-    checks = [jnp.all(jnp.isfinite(x)) for x in sums]
-    for p, sq in enumerate(squares):
-        zero_ok = (sq == 0) & (p not in verify)
-        checks.append(jnp.all((sq >= floor) | zero_ok))
-    safe = jnp.all(jnp.stack(checks))
-
-    def from_plain(_):
-        exps = [exponent(safe_sqrt(sq)) for sq in squares]
-        factors = [pow2(-e, dtype) for e in exps]
-        values = [
-            sums[i] * factors[p] * (1 if q is None else factors[q])
-            for i, (p, q) in enumerate(pairs)
-        ]
-        return tuple(values), tuple(exps)
-
-    def rescaled(_):
-        maxes = [jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats]
-        exps = [exponent(jax.lax.stop_gradient(m)) for m in maxes]
-        scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
-        return _one_pass(scaled_mats, tuple(pairs)), tuple(exps)
-
-    values, exps = jax.lax.cond(safe, from_plain, rescaled, None)
-    return Gram(
-        tuple(v.reshape(keep) for v in values), tuple(e.reshape(keep) for e in exps)
-    )
+    return run(gram_program(arrays, pairs, axes, verify_zero=verify_zero))
 
 
 def unit_gram(
@@ -295,6 +607,17 @@ def unit_gram(
 ) -> Gram:
     """:func:`gram` with one group per output unit (all axes but the last)."""
     return gram(arrays, pairs, unit_axes(arrays[0].ndim), verify_zero=verify_zero)
+
+
+def unit_gram_program(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Generator:
+    """:func:`gram_program` with one group per output unit."""
+    axes = unit_axes(arrays[0].ndim)
+    return (yield from gram_program(arrays, pairs, axes, verify_zero=verify_zero))
 
 
 # -------------------------------------------------------------- zero-safe primitives
@@ -313,11 +636,24 @@ def safe_div(num: Any, den: Any) -> jax.Array:
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
 
 
+def norm_program(x: jax.Array, axes: Sequence[int]) -> Generator:
+    """:func:`norm` as a program for :func:`drive`."""
+    g = yield from gram_program([x], [(0, 0)], axes)
+    return unscaled(safe_sqrt(g.values[0]), g.exps[0])
+
+
 def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     """Per-group Euclidean norm over ``axes`` (dims kept): zero-safe, and finite
     wherever the true norm is representable."""
-    g = gram([x], [(0, 0)], axes)
-    return unscaled(safe_sqrt(g.values[0]), g.exps[0])
+    return run(norm_program(x, axes))
+
+
+def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Generator:
+    """:func:`normalize` as a program for :func:`drive`."""
+    g = yield from gram_program([x], [(0, 0)], axes)
+    n = safe_sqrt(g.values[0])
+    unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
+    return unit, unscaled(n, g.exps[0])
 
 
 def normalize(
@@ -327,10 +663,7 @@ def normalize(
 
     Computed on the scaled array, so it is exact for any magnitude of ``x``.
     """
-    g = gram([x], [(0, 0)], axes)
-    n = safe_sqrt(g.values[0])
-    unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
-    return unit, unscaled(n, g.exps[0])
+    return run(normalize_program(x, axes, eps))
 
 
 def pnorm(x: jax.Array, axes: Sequence[int], p: float) -> jax.Array:

@@ -27,9 +27,12 @@ import optax
 
 from riemax._labels import MANIFOLD, check_labels
 from riemax._numerics import (
+    Fallback,
     centered,
+    drive,
     group_size,
     norm,
+    norm_program,
     normalize,
     per_unit,
     root_ema,
@@ -37,7 +40,7 @@ from riemax._numerics import (
     safe_sqrt,
     to_acc,
     unit_axes,
-    unit_gram,
+    unit_gram_program,
     unscaled,
 )
 from riemax._numerics import inner as inner_product
@@ -77,13 +80,14 @@ class RotationalState(NamedTuple):
     radius: optax.Params
 
 
-def _radius(w: jax.Array, zero_mean: bool) -> jax.Array:
-    """``||w - mean(w)||`` (or ``||w||``) per unit, for any magnitude."""
+def _radius(w: jax.Array, zero_mean: bool):
+    """``||w - mean(w)||`` (or ``||w||``) per unit, for any magnitude (a program
+    for :func:`riemax._numerics.drive`)."""
     axes = unit_axes(w.ndim)
     if not zero_mean:
-        return norm(w, axes)
+        return (yield from norm_program(w, axes))
     c, e = centered(w, axes)
-    return unscaled(norm(c, axes), e)
+    return unscaled((yield from norm_program(c, axes)), e)
 
 
 def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
@@ -97,10 +101,12 @@ def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
     n = group_size(p.shape, axes)
     dtype = p.dtype
     if zero_mean:
-        gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1), (0, None), (1, None)))
+        gr = yield from unit_gram_program(
+            (p, u), ((0, 0), (0, 1), (1, 1), (0, None), (1, None))
+        )
         pp, pu, uu, sum_p, sum_u = gr.values
     else:
-        gr = unit_gram((p, u), ((0, 0), (0, 1), (1, 1)))
+        gr = yield from unit_gram_program((p, u), ((0, 0), (0, 1), (1, 1)))
         pp, pu, uu = gr.values
         sum_p = sum_u = jnp.zeros_like(pp)
     e_p, e_u = gr.exps[0], gr.exps[1]
@@ -113,12 +119,12 @@ def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
     pv = pu - kappa * pp - mu * sum_p
     cancelled = vv < _KEPT_FRACTION * uu
 
-    def direct(_):
+    def direct():
         pt = p * f_p
         v = (u * f_u - kappa * pt) - mu
         return inner_product(v, v, axes), inner_product(pt, v, axes)
 
-    vv, pv = jax.lax.cond(jnp.any(cancelled), direct, lambda _: (vv, pv), None)
+    vv, pv = yield Fallback((vv, pv), cancelled, direct)
     vv = jnp.maximum(vv, 0)
     # s <- (1 - rho) |v|**2 + rho s, kept as the root mean square nu = sqrt(s / n).
     nu = root_ema(nu, unscaled(safe_sqrt(vv / n), e_u), decay)
@@ -246,20 +252,24 @@ def rotational(
         )
         eta = schedule_value(rate, state.count)
         count = optax.safe_increment(state.count)
-        first = state.count == 0
+        # The radius of every unit, taken once at the first step.
+        leaves, treedef = jax.tree.flatten(acc)
+
+        def measured():
+            radii = drive([_radius(p, zero_mean) for p in leaves])
+            return jax.tree.unflatten(treedef, radii)
+
+        radius = jax.lax.cond(state.count == 0, measured, lambda: state.radius)
 
         def leaf(u, nu, r, w):
             p = to_acc(w)
-            r = jax.lax.cond(first, lambda: _radius(p, zero_mean), lambda: r)
-            delta, nu = _rotate(
+            delta, nu = yield from _rotate(
                 p, to_acc(u), r, nu, rate=eta, count=count, zero_mean=zero_mean,
                 decay=decay, eps=eps,
             )  # fmt: skip
             return delta.astype(w.dtype), nu, r
 
-        results = leaf_map(
-            owner, leaf, direction, state.nu, state.radius, params=params
-        )
+        results = leaf_map(owner, leaf, direction, state.nu, radius, params=params)
         deltas, nu, radius = unzip(updates, results, 3)
         return deltas, RotationalState(
             count=count,

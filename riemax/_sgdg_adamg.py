@@ -29,6 +29,7 @@ reference; the tests compare both with the float64 reference of the originals.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -40,14 +41,13 @@ from riemax._grassmann import adam_init, check_momentum, check_unit_eps
 from riemax._numerics import (
     Gram,
     exponent,
+    gram_request,
     inner,
-    per_unit,
     pow2,
     safe_div,
     safe_sqrt,
     to_acc,
     unit_axes,
-    unit_gram,
     unscaled,
 )
 from riemax._unitwise import (
@@ -110,24 +110,52 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def _parts(w, g, s, unit_eps, max_norm) -> _Parts:
-    gr = unit_gram((w, g, s), _PAIRS, verify_zero=(0,))
+def _parts_request(w, g, s, *, unit_eps, then, inputs=None):
+    """The leaf's request: the Gram of ``(w, g, s)``; on the exact branch also
+    ``||h~||^2`` summed directly (for units whose gradient is nearly radial)."""
+
+    def direct(gr: Gram):
+        n_w = safe_sqrt(gr.values[0])
+        k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
+        ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
+        hw = jnp.where(n_w > 0, -k * k * wg, 0.0)
+        radial = gg + hw * (2 * wg + hw * ww) < _TANGENT_FRACTION * gg
+        h = g * gr.factor(1) + hw * (w * gr.factor(0))
+        return jnp.where(radial, inner(h, h, unit_axes(w.ndim)), -1.0)
+
+    return gram_request(
+        (w, g, s),
+        _PAIRS,
+        unit_axes(w.ndim),
+        verify_zero=(0,),
+        then=then,
+        inputs=inputs,
+        extra=direct,
+        check=_tangent_ok,
+    )
+
+
+def _tangent_ok(gr: Gram, unit_eps: float = 0.0):
+    """Where ``||h~||^2`` from Gram values is exact (the gradient is not nearly
+    radial). ``unit_eps`` does not change the outcome of the test by more than
+    rounding, so the test uses the exact projection."""
+    ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
+    hh = gg - safe_div(wg * wg, ww)
+    return ~(hh < _TANGENT_FRACTION * gg)
+
+
+def _parts(gr: Gram, hh_direct, unit_eps, max_norm):
+    """Per-unit quantities from the Gram; ``hh_direct`` (the direct ``||h~||^2``
+    where the Gram identity cancels, -1 elsewhere) replaces that identity."""
     ww, wg, ws, ss, gs, gg = gr.values
-    e_w, e_g, e_s = gr.exps
+    e_w, e_g = gr.exps[0], gr.exps[1]
     n_w = safe_sqrt(ww)
     live = n_w > 0
     k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
     # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
     hw = jnp.where(live, -k * k * wg, 0.0)
-    full = gg
     hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
-    radial = hh < _TANGENT_FRACTION * full
-
-    def direct(hh):
-        h = g * gr.factor(1) + hw * (w * gr.factor(0))
-        return jnp.where(radial, inner(h, h, unit_axes(w.ndim)), hh)
-
-    hh = jax.lax.cond(jnp.any(radial), direct, lambda hh: hh, hh)
+    hh = jnp.where(hh_direct >= 0, hh_direct, hh)
     n_h = safe_sqrt(hh)
     w_scale = jnp.where(live, n_w, 1.0)
     e_h = jnp.where(live, e_w, 0) + e_g
@@ -144,7 +172,6 @@ def _parts(w, g, s, unit_eps, max_norm) -> _Parts:
     tt = jnp.maximum(ss + tw * (2 * ws + tw * ww), 0)
     keep = live & sphere.carry_kept(safe_sqrt(tt), safe_sqrt(ss))
     th = gs + hw * ws + tw * wg + tw * hw * ww
-    del e_s
     return _Parts(gr, live, k, hw, sigma, hat_norm, hh, tw, keep, tt, th)
 
 
@@ -158,8 +185,8 @@ def _combine(p: _Parts, c_tau, c_h):
     return e, p_tau, p_h, safe_sqrt(jnp.maximum(n2, 0))
 
 
-def _write(p: _Parts, w, g, s, stored, update):
-    """The two elementwise loops.
+def _coefficients(p: _Parts, stored, update):
+    """The per-unit coefficients of the two elementwise loops (:func:`_write`).
 
     ``stored = (a_tau, a_h, a_y)``: the new state is ``a_tau tau~ + a_h h~ + a_y y``
     in real units. ``update = (f, e, c)``: the update is ``f (S 2**-e) + c y - w``
@@ -175,9 +202,12 @@ def _write(p: _Parts, w, g, s, stored, update):
     r_new = jnp.where(p.live, pow2(-e, f.dtype), 1.0)
     c = jnp.where(p.live, c * p.k, 0.0)
     r_w, r_g, r_s = gr.factor(0), gr.factor(1), gr.factor(2)
-    a_s, a_g, a_w, r_w, r_g, r_s, f, r_new, c = per_unit(
-        a_s, a_h, a_w, r_w, r_g, r_s, f, r_new, c
-    )
+    return (a_s, a_h, a_w, r_w, r_g, r_s, f, r_new, c)
+
+
+def _write(coefficients, w, g, s):
+    """The two elementwise loops: the new state ``S`` and the update from it."""
+    a_s, a_g, a_w, r_w, r_g, r_s, f, r_new, c = coefficients
     # The factors are powers of two, so folding one into its coefficient changes
     # nothing unless the product underflows. That loses a term only where the array
     # is huge, which the gradient and the new state can be (a clipped 1e38
@@ -185,6 +215,50 @@ def _write(p: _Parts, w, g, s, stored, update):
     # update): those are scaled first, the others folded.
     new = (a_s * r_s) * s + a_g * (g * r_g) + (a_w * r_w) * w
     return f * (new * r_new) + (c * r_w - 1) * w, new
+
+
+def _sgdg_units(gr, inputs, extra, *, lr, momentum, unit_eps, max_norm):
+    """SGD-G's per-unit math, on the units of every leaf at once."""
+    p = _parts(gr, extra, unit_eps, max_norm)
+    c_tau = jnp.where(p.keep, unscaled(momentum, p.gram.exps[2], p.hh.dtype), 0.0)
+    c_h = -lr * p.sigma
+    # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
+    e, _, _, n = _combine(p, c_tau, c_h)
+    _, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
+    a, b, c_y = sphere.step_coefficients(theta, rho)
+    # x = rho d, alpha = rho theta. Stored: rho (a d + b theta y). Update:
+    # (sinc(theta) / a) S + c_y y - w, sinc(theta) S = (sin(theta)/n) S 2**-e.
+    stored = (rho * a * c_tau, rho * a * c_h, rho * b * theta)
+    update = (sin_n / a, e, c_y)
+    # Zero units: the Euclidean step d = c_h g~, stored as it is.
+    stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
+    update = (jnp.where(p.live, update[0], 1.0), update[1], update[2])
+    return _coefficients(p, stored, update)
+
+
+def _adamg_units(gr, inputs, extra, *, lr, count, b1, b2, eps, unit_eps, max_norm):
+    """Adam-G's per-unit math, on the units of every leaf at once."""
+    v, size = inputs
+    p = _parts(gr, extra, unit_eps, max_norm)
+    rms = p.hat_norm / jnp.sqrt(size)
+    v = b2 * v + (1 - b2) * rms * rms
+    scale = -lr * sphere.adamg_scale(v, size, count, b1, b2, eps)
+    c_tau = jnp.where(p.keep, unscaled(b1, p.gram.exps[2], v.dtype), 0.0)
+    c_h = (1 - b1) * p.sigma
+    # m_new = b1 tau + (1 - b1) h_hat = 2**e m_hat, |m_hat| = n
+    e, _, _, n = _combine(p, c_tau, c_h)
+    _, sin_n, theta, rho = sphere.exp_coefficients(jnp.abs(scale) * n, e, unit_eps)
+    a, b, c_y = sphere.step_coefficients(theta, rho)
+    norm_m = jnp.minimum(unscaled(n, e), jnp.finfo(n.dtype).max)
+    alpha = jnp.where(scale < 0, -1.0, 1.0) * norm_m  # delta = scale m_new
+    # x = m. Stored: a m + b alpha y. Update: (rho D scale / a) (S 2**-e)
+    # + c_y y - w, with D = sin(theta) / |delta_hat|.
+    stored = (a * c_tau, a * c_h, b * alpha)
+    update = (rho * sin_n * scale / a, e, c_y)
+    stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
+    # Zero units: the Euclidean step scale * m_new with S = m_new.
+    update = (jnp.where(p.live, update[0], scale), update[1], update[2])
+    return _coefficients(p, stored, update), v
 
 
 def scale_by_sgdg(
@@ -252,23 +326,19 @@ def scale_by_sgdg(
         need_params(owner, params)
         lr = schedule_value(learning_rate, state.count)
 
+        units = functools.partial(
+            _sgdg_units,
+            lr=lr,
+            momentum=momentum,
+            unit_eps=unit_eps,
+            max_norm=grad_clip,
+        )
+
         def leaf(g, s, w):
             g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
-            p = _parts(w_acc, g, s, unit_eps, grad_clip)
-            c_tau = jnp.where(p.keep, unscaled(momentum, p.gram.exps[2], g.dtype), 0.0)
-            c_h = -lr * p.sigma
-            # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
-            e, _, _, n = _combine(p, c_tau, c_h)
-            _, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
-            a, b, c_y = sphere.step_coefficients(theta, rho)
-            # x = rho d, alpha = rho theta. Stored: rho (a d + b theta y). Update:
-            # (sinc(theta) / a) S + c_y y - w, sinc(theta) S = (sin(theta)/n) S 2**-e.
-            stored = (rho * a * c_tau, rho * a * c_h, rho * b * theta)
-            update = (sin_n / a, e, c_y)
-            # Zero units: the Euclidean step d = c_h g~, stored as it is.
-            stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
-            update = (jnp.where(p.live, update[0], 1.0), update[1], update[2])
-            delta, new = _write(p, w_acc, g, s, stored, update)
+            request = _parts_request(w_acc, g, s, unit_eps=unit_eps, then=units)
+            coefficients = yield request
+            delta, new = _write(coefficients, w_acc, g, s)
             return delta.astype(w.dtype), new
 
         results = leaf_map(owner, leaf, updates, state.trace, params=params)
@@ -347,31 +417,25 @@ def scale_by_adamg(
         lr = schedule_value(learning_rate, state.count)
         count = optax.safe_increment(state.count)
 
+        units = functools.partial(
+            _adamg_units,
+            lr=lr,
+            count=count,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            unit_eps=unit_eps,
+            max_norm=grad_clip,
+        )
+
         def leaf(g, s, v, w):
             g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
-            size = w.size // w.shape[-1]
-            p = _parts(w_acc, g, s, unit_eps, grad_clip)
-            rms = p.hat_norm / jnp.sqrt(jnp.asarray(size, v.dtype))
-            v = b2 * v + (1 - b2) * rms * rms
-            scale = -lr * sphere.adamg_scale(v, size, count, b1, b2, eps)
-            c_tau = jnp.where(p.keep, unscaled(b1, p.gram.exps[2], g.dtype), 0.0)
-            c_h = (1 - b1) * p.sigma
-            # m_new = b1 tau + (1 - b1) h_hat = 2**e m_hat, |m_hat| = n
-            e, _, _, n = _combine(p, c_tau, c_h)
-            _, sin_n, theta, rho = sphere.exp_coefficients(
-                jnp.abs(scale) * n, e, unit_eps
+            size = jnp.asarray(w.size // w.shape[-1], v.dtype)
+            request = _parts_request(
+                w_acc, g, s, unit_eps=unit_eps, then=units, inputs=(v, size)
             )
-            a, b, c_y = sphere.step_coefficients(theta, rho)
-            norm_m = jnp.minimum(unscaled(n, e), jnp.finfo(n.dtype).max)
-            alpha = jnp.where(scale < 0, -1.0, 1.0) * norm_m  # delta = scale m_new
-            # x = m. Stored: a m + b alpha y. Update: (rho D scale / a) (S 2**-e)
-            # + c_y y - w, with D = sin(theta) / |delta_hat|.
-            stored = (a * c_tau, a * c_h, b * alpha)
-            update = (rho * sin_n * scale / a, e, c_y)
-            stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
-            # Zero units: the Euclidean step scale * m_new with S = m_new.
-            update = (jnp.where(p.live, update[0], scale), update[1], update[2])
-            delta, new = _write(p, w_acc, g, s, stored, update)
+            coefficients, v = yield request
+            delta, new = _write(coefficients, w_acc, g, s)
             return delta.astype(w.dtype), new, v
 
         results = leaf_map(owner, leaf, updates, state.mu, state.nu, params=params)

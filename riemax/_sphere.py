@@ -27,10 +27,12 @@ import jax.numpy as jnp
 from riemax._numerics import (
     normalize,
     per_unit,
+    run,
     safe_div,
     safe_sqrt,
     unit_axes,
     unit_gram,
+    unit_gram_program,
     unscaled,
 )
 
@@ -63,6 +65,14 @@ def unit(w: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     return normalize(w, unit_axes(w.ndim), eps)[0]
 
 
+def project_program(y: jax.Array, g: jax.Array):
+    """:func:`project` as a program for ``riemax._numerics.drive``."""
+    gr = yield from unit_gram_program([y, g], [(0, 1)])
+    # <y, g> y, with the scale of g applied last: finite wherever the result is.
+    c = unscaled(gr.values[0], gr.exps[0])
+    return g - unscaled(c * y, gr.exps[1])
+
+
 def project(y: jax.Array, g: jax.Array) -> jax.Array:
     r"""Projects ``g`` onto the tangent space at the unit point ``y``.
 
@@ -82,10 +92,7 @@ def project(y: jax.Array, g: jax.Array) -> jax.Array:
       >>> sphere.project(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]])).ravel()
       Array([0., 3.], dtype=float32)
     """
-    gr = unit_gram([y, g], [(0, 1)])
-    # <y, g> y, with the scale of g applied last: finite wherever the result is.
-    c = unscaled(gr.values[0], gr.exps[0])
-    return g - unscaled(c * y, gr.exps[1])
+    return run(project_program(y, g))
 
 
 def exp_coefficients(
@@ -148,7 +155,12 @@ def expmap(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
       >>> jnp.allclose(z, jnp.array([0.0, 1.0]), atol=1e-7)
       Array(True, dtype=bool)
     """
-    gr = unit_gram([h], [(0, 0)])
+    return run(expmap_program(y, h, eps))
+
+
+def expmap_program(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS):
+    """:func:`expmap` as a program for ``riemax._numerics.drive``."""
+    gr = yield from unit_gram_program([h], [(0, 0)])
     c, d, _, rho = exp_coefficients(safe_sqrt(gr.values[0]), gr.exps[0], eps)
     c, b = per_unit(c, rho * d)
     return c * y + b * (h * gr.factor(0))
@@ -331,8 +343,13 @@ def carry(y: jax.Array, s: jax.Array) -> jax.Array:
       >>> sphere.carry(jnp.array([[0.0], [1.0], [0.0]]), s).ravel().round(6)  # -0.3 e1
       Array([-0.3,  0. ,  0. ], dtype=float32)
     """
-    p = project(y, s)
-    gr = unit_gram([p, s], [(0, 0), (1, 1)])
+    return run(carry_program(y, s))
+
+
+def carry_program(y: jax.Array, s: jax.Array):
+    """:func:`carry` as a program for ``riemax._numerics.drive``."""
+    p = yield from project_program(y, s)
+    gr = yield from unit_gram_program([p, s], [(0, 0), (1, 1)])
     n_p = unscaled(safe_sqrt(gr.values[0]), gr.exps[0])
     n_s = unscaled(safe_sqrt(gr.values[1]), gr.exps[1])
     return jnp.where(carry_kept(n_p, n_s), p, 0)
@@ -358,7 +375,12 @@ def clip(h: jax.Array, max_norm: float) -> jax.Array:
       Array([[0.6, 0.1],
              [0.8, 0. ]], dtype=float32)
     """
-    gr = unit_gram([h], [(0, 0)])
+    return run(clip_program(h, max_norm))
+
+
+def clip_program(h: jax.Array, max_norm: float):
+    """:func:`clip` as a program for ``riemax._numerics.drive``."""
+    gr = yield from unit_gram_program([h], [(0, 0)])
     n = safe_sqrt(gr.values[0])
     over = unscaled(n, gr.exps[0]) > max_norm
     # Clipped units: h * 2**-e * (max_norm / n), without forming ||h||.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from riemax._numerics import acc_dtype, kept_shape, normalize, to_acc, unit_axes
+from riemax._numerics import (
+    acc_dtype,
+    drive,
+    kept_shape,
+    normalize,
+    normalize_program,
+    to_acc,
+    unit_axes,
+)
 from riemax._tree import path_str
 
 # ----------------------------------------------------------------- argument checks
@@ -297,7 +305,15 @@ def leaf_map(
         return fn(u, *rest)
 
     trees = (updates, *others) if params is None else (updates, *others, params)
-    return jax.tree_util.tree_map_with_path(leaf, *trees)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    columns = [[u for _, u in flat]] + [treedef.flatten_up_to(t) for t in trees[1:]]
+    outs = [
+        leaf(path, *row)
+        for (path, _), row in zip(flat, zip(*columns, strict=True), strict=True)
+    ]
+    # Leaf programs (generators) run in lockstep: one decision per round for the
+    # whole tree (riemax._numerics.drive).
+    return jax.tree_util.tree_unflatten(treedef, drive(outs))
 
 
 def validated(
@@ -339,6 +355,13 @@ def unzip(template: Any, results: Any, n: int) -> tuple[Any, ...]:
     )
 
 
+def _as_program(result: Any):
+    """``result`` itself, from a leaf program or a plain value alike."""
+    if isinstance(result, Generator):
+        return (yield from result)
+    return result
+
+
 def stateless(
     owner: str,
     leaf_fn: Callable[..., jax.Array],
@@ -362,12 +385,12 @@ def stateless(
             need_params(owner, params)
 
             def fn(u, w):
-                return leaf_fn(to_acc(u), w).astype(u.dtype)
+                return (yield from _as_program(leaf_fn(to_acc(u), w))).astype(u.dtype)
 
             return leaf_map(owner, fn, updates, params=params), state
 
         def fn_u(u):
-            return leaf_fn(to_acc(u)).astype(u.dtype)
+            return (yield from _as_program(leaf_fn(to_acc(u)))).astype(u.dtype)
 
         return leaf_map(owner, fn_u, updates), state
 
@@ -402,6 +425,11 @@ def zeros_per_unit(params: Any) -> Any:
 def unit_of(w: jax.Array, unit_eps: Any) -> tuple[jax.Array, jax.Array]:
     """Returns ``(unit(w), ||w||)`` per unit, in the accumulation dtype."""
     return normalize(to_acc(w), unit_axes(w.ndim), unit_eps)
+
+
+def unit_of_program(w: jax.Array, unit_eps: Any):
+    """:func:`unit_of` as a program for :func:`riemax._numerics.drive`."""
+    return (yield from normalize_program(to_acc(w), unit_axes(w.ndim), unit_eps))
 
 
 def schedule_value(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> Any:

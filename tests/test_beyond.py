@@ -21,7 +21,7 @@ from helpers import OPTIMIZERS, fewer_by_default, max_abs_diff, unit_norms, x64
 from jax.extend import core as jex_core
 
 import riemax
-from riemax import _adamp
+from riemax import _adamp, _numerics
 
 SHAPES = {"conv": (3, 3, 4, 8), "dense": (16, 6), "bias": (6,)}
 KERNELS = ("conv", "dense")
@@ -131,13 +131,13 @@ def _adamp_branches(lr, kwargs):
         count = optax.safe_increment(state.count)
         out = {}
         for n in params:
-            update, _, _, branch = _adamp._adamp_leaf(
+            update, _, _, branch = _numerics.run(_adamp._adamp_leaf(
                 grads[n], state.mu[n], state.nu[n], params[n], lr=lr, count=count,
                 b1=kw.get("b1", 0.9), b2=kw.get("b2", 0.999), eps=1e-8,
                 weight_decay=kw["weight_decay"], delta=kw.get("delta", 0.1),
                 wd_ratio=kw.get("wd_ratio", 0.1), nesterov=kw["nesterov"],
                 mode=_adamp.TEST,
-            )  # fmt: skip
+            ))  # fmt: skip
             out[n] = (update, branch)
         return out
 
@@ -152,13 +152,13 @@ def _sgdp_branches(lr, kwargs):
     def branches(grads, state, params):
         out = {}
         for n in params:
-            update, _, branch = _adamp._sgdp_leaf(
+            update, _, branch = _numerics.run(_adamp._sgdp_leaf(
                 grads[n], state.trace[n], params[n], lr=lr,
                 momentum=kw["momentum"], dampening=kw.get("dampening", 0.0),
                 weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], eps=1e-8,
                 delta=kw.get("delta", 0.1), wd_ratio=kw.get("wd_ratio", 0.1),
                 mode=_adamp.TEST,
-            )  # fmt: skip
+            ))  # fmt: skip
             out[n] = (update, branch)
         return out
 
