@@ -189,14 +189,35 @@ def _blocked_stats(*mats, pairs, block):
     return acc
 
 
-def _one_pass(mats, pairs):
+#: Matrices up to this many elements are summed by one variadic reduction (one
+#: loop for every pair, the cheapest to compile); larger ones by one reduction per
+#: pair, which XLA runs faster on them.
+FUSED_MAX_ELEMENTS = 1 << 17
+
+
+def _fused_stats(mats, pairs):
+    """:func:`_stats` as one variadic reduction (one loop, one compiled kernel)."""
+    products = tuple(_product(mats, p, q) for p, q in pairs)
+    zeros = tuple(jnp.zeros((), x.dtype) for x in products)
+
+    def add(xs, ys):
+        return tuple(x + y for x, y in zip(xs, ys, strict=True))
+
+    return tuple(jax.lax.reduce(products, zeros, add, (0,)))
+
+
+def _one_pass(mats, pairs, *, fused: bool = False):
     """Column sums of the pair products, in a single pass over memory.
 
-    XLA's CPU backend runs every reduction as its own pass over memory, so large
-    matrices are walked in cache-sized row blocks there; other backends merge
-    sibling reductions themselves and get the plain reductions.
+    Small matrices (and every matrix with ``fused``, used off the hot path) get one
+    variadic reduction. XLA's CPU backend runs every other reduction as its own
+    pass over memory, so large matrices are walked in cache-sized row blocks
+    there; other backends merge sibling reductions themselves and get the plain
+    reductions.
     """
     rows, cols = mats[0].shape
+    if fused or rows * cols <= FUSED_MAX_ELEMENTS:
+        return _fused_stats(mats, pairs)
     block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
     if rows >= 2 * block:
         return jax.lax.platform_dependent(
@@ -205,6 +226,17 @@ def _one_pass(mats, pairs):
             default=lambda *m: _stats(m, pairs),
         )
     return _stats(mats, pairs)
+
+
+def _column_max_abs(mats):
+    """The largest magnitude of every column of every matrix, in one reduction."""
+    absolute = tuple(jnp.abs(m) for m in mats)
+    zeros = tuple(jnp.zeros((), m.dtype) for m in mats)
+
+    def biggest(xs, ys):
+        return tuple(jnp.maximum(x, y) for x, y in zip(xs, ys, strict=True))
+
+    return jax.lax.reduce(absolute, zeros, biggest, (0,))
 
 
 def _as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -536,10 +568,10 @@ def gram_request(
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
 
     def exact():
-        maxes = [jnp.max(jnp.abs(m), axis=0, initial=0) for m in mats]
-        exps = [exponent(jax.lax.stop_gradient(m)) for m in maxes]
+        maxes = _column_max_abs([jax.lax.stop_gradient(m) for m in mats])
+        exps = [exponent(m) for m in maxes]
         scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
-        values = _one_pass(scaled_mats, pairs)
+        values = _one_pass(scaled_mats, pairs, fused=True)
         gram = Gram(
             tuple(v.reshape(keep) for v in values),
             tuple(e.reshape(keep) for e in exps),

@@ -21,6 +21,7 @@ if _ROOT not in sys.path:
 # compile_memory and scaling time the same steps as optimizer_step and
 # train_step: their smoke runs are in the slow run.
 SCRIPTS = (
+    "headline",
     "optimizer_step",
     "train_step",
     pytest.param("compile_memory", marks=pytest.mark.slow),
