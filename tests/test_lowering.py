@@ -1,0 +1,97 @@
+"""The shape of a lowered riemax step: its control flow does not grow with the
+number of leaves.
+
+Every optimizer makes its robust-path decision once per step for the whole
+tree, so the number of conditionals and loops in the lowered update is the same
+for one ResNet-20 kernel as for twenty. Lowering only (no XLA compile), so the
+checks are cheap.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import OPTIMIZERS
+
+import riemax
+
+#: The largest ResNet-20 kernel (a 3x3 conv, 64 -> 64 channels).
+KERNEL = (3, 3, 64, 64)
+
+CONTROL_FLOW = re.compile(r"stablehlo\.(case|if|while)\b")
+
+
+def _params(count):
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in range(count):
+        w = rng.standard_normal(KERNEL).astype(np.float32)
+        w /= np.linalg.norm(w.reshape(-1, KERNEL[-1]), axis=0)
+        out[f"conv{i:02d}"] = jnp.asarray(w)
+    return out
+
+
+def lowered_update(tx, count):
+    params = _params(count)
+    state = tx.init(params)
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step).lower(params, state, params).as_text()
+
+
+def control_flow(text):
+    return len(CONTROL_FLOW.findall(text))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_control_flow_does_not_grow_with_leaves(name):
+    opt = OPTIMIZERS[name]
+    one = control_flow(lowered_update(opt.make(), 1))
+    twenty = control_flow(lowered_update(opt.make(), 20))
+    assert twenty == one, (name, one, twenty)
+    # The robust path is one decision per step, not per leaf.
+    assert one <= 4, (name, one)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: riemax.sgdg(0.1, omega=0.1),
+        lambda: riemax.adamg(0.05, omega=0.1),
+        lambda: optax.chain(
+            riemax.grassmann_project(),
+            riemax.clip_tangent_norm(0.1),
+            optax.scale_by_learning_rate(0.1),
+            riemax.transported_momentum(0.9),
+            riemax.exp_map_update(),
+        ),
+    ],
+    ids=["sgdg-omega", "adamg-omega", "sgdg-chain"],
+)
+def test_aliases_and_chains_do_not_grow_either(make):
+    assert control_flow(lowered_update(make(), 1)) == control_flow(
+        lowered_update(make(), 20)
+    )
+
+
+def test_the_count_sees_a_conditional_per_leaf():
+    """The test above can fail: a transform that branches per leaf is caught."""
+
+    def per_leaf(g, w):
+        return jax.lax.cond(jnp.all(g > 0), lambda: g, lambda: -g)
+
+    tx = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (jax.tree.map(per_leaf, u, p), s),
+    )
+    assert control_flow(lowered_update(tx, 20)) == 20 * control_flow(
+        lowered_update(tx, 1)
+    )
