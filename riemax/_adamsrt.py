@@ -17,6 +17,7 @@ which needs the current params only (the same trajectory).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,10 +27,9 @@ import optax
 
 from riemax._numerics import (
     exponent,
-    gram_program,
+    gram_request,
     group_axes,
     group_size,
-    per_unit,
     pow2,
     safe_div,
     safe_sqrt,
@@ -78,6 +78,50 @@ def _quadratic(values, pairs, coefs):
     for value, (p, q) in zip(values, pairs, strict=True):
         total = total + (1 if p == q else 2) * coefs[p] * coefs[q] * value
     return jnp.maximum(total, 0)
+
+
+def _adams_v(v, mean_square, b2):
+    """The per-group second moment: an average of the mean square of ``g``."""
+    return b2 * v + (1 - b2) * mean_square
+
+
+def _adams_scale(v, mean_square, d, lr, count, b1, b2, eps):
+    """``(s, v_new)`` with the step ``-s m_new`` (one scalar ``s`` per group)."""
+    v = _adams_v(v, mean_square, b2)
+    t = count.astype(v.dtype)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    root_d = jnp.sqrt(d)
+    return lr * root_d / bc1 / (root_d * safe_sqrt(v) / jnp.sqrt(bc2) + eps), v
+
+
+def _adams_units(gr, inputs, extra, *, lr, count, b1, b2, eps, transport):
+    """AdamS/AdamSRT's per-group math, on the groups of every leaf at once."""
+    v, d = inputs
+    rt = transport and len(gr.values) == len(_SRT_PAIRS)
+    gg, e_g = (gr.values[5], gr.exps[2]) if rt else (gr.values[0], gr.exps[0])
+    # v is the mean square of g over the group.
+    rms = unscaled(safe_sqrt(gg / d), e_g)
+    s, v = _adams_scale(v, rms * rms, d, lr, count, b1, b2, eps)
+    if not rt:
+        return s, v
+    ww, wm = gr.values[0], gr.values[1]
+    e_w, e_m = gr.exps[0], gr.exps[1]
+    # m is stored at the params it moved (x1). The original transports it after
+    # the step; with x1 = x2 + s m that equals, at x2 = w now,
+    # (<x2,x2> m - <m,x2> x2) / (<x2,x2> + eps). As real coefficients on the
+    # scaled arrays: m_new = c_m m~ + c_w w~ + c_g g~.
+    den = ww + unscaled(eps, -2 * e_w, v.dtype)
+    c_m = unscaled(b1, e_m, v.dtype) * safe_div(ww, den)
+    c_w = -b1 * unscaled(safe_div(wm, den), e_m)
+    c_g = unscaled(1 - b1, e_g, v.dtype)
+    # v <- v <x1,x1> / (<x2,x2> + eps) with x2 = w - s m_new.
+    q = (unscaled(1.0, e_w, v.dtype) - s * c_w, -s * c_m, -s * c_g)
+    e_q = exponent(jnp.max(jnp.abs(jnp.stack(q)), axis=0))
+    f_q = pow2(-e_q, v.dtype)
+    quad = _quadratic(gr.values, _SRT_PAIRS, [x * f_q for x in q])
+    x2 = unscaled(quad, 2 * (e_q - e_w)) + unscaled(eps, -2 * e_w, v.dtype)
+    v_new = v * safe_div(ww, x2)
+    return s, c_m, c_w, c_g, gr.factor(0), gr.factor(1), gr.factor(2), v_new
 
 
 def scale_by_adams(
@@ -175,53 +219,34 @@ def scale_by_adams(
         lr = schedule_value(learning_rate, state.count)
         count = optax.safe_increment(state.count)
 
+        units = functools.partial(
+            _adams_units, lr=lr, count=count, b1=b1, b2=b2, eps=eps,
+            transport=transport,
+        )  # fmt: skip
+
         def leaf(g, m, v, w):
             axes = axes_of(w)
             d = group_size(w.shape, axes)
             g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
-            rt = transport and d > 1
-            if rt:
-                gr = yield from gram_program(
-                    (w_acc, m, g), _SRT_PAIRS, axes, verify_zero=(0,)
-                )
-                ww, wm, gg = gr.values[0], gr.values[1], gr.values[5]
-                e_w, e_m, e_g = gr.exps
-            else:
-                gr = yield from gram_program((g,), ((0, 0),), axes, verify_zero=())
-                gg, e_g = gr.values[0], gr.exps[0]
-            # v is the mean square of g over the group.
-            rms = unscaled(safe_sqrt(gg / d), e_g)
-            v = b2 * v + (1 - b2) * rms * rms
-            t = count.astype(v.dtype)
-            bc1, bc2 = 1 - b1**t, 1 - b2**t
-            # delta = -s * m_new with one scalar s per group.
-            s = lr * d**0.5 / bc1 / (d**0.5 * safe_sqrt(v) / jnp.sqrt(bc2) + eps)
-            if not rt:
-                s = per_unit(s)[0] if d > 1 else s
+            if not axes:  # one element per group: plain Adam
+                s, v = _adams_scale(v, g * g, 1, lr, count, b1, b2, eps)
                 m = b1 * m + (1 - b1) * g
                 return (-s * m).astype(w.dtype), m, v
-            # m is stored at the params it moved (x1). The original transports it
-            # after the step; with x1 = x2 + s m that equals, at x2 = w now,
-            # (<x2,x2> m - <m,x2> x2) / (<x2,x2> + eps). As real coefficients on
-            # the scaled arrays: m_new = c_m m~ + c_w w~ + c_g g~.
-            den = ww + unscaled(eps, -2 * e_w, v.dtype)
-            c_m = unscaled(b1, e_m, v.dtype) * safe_div(ww, den)
-            c_w = -b1 * unscaled(safe_div(wm, den), e_m)
-            c_g = unscaled(1 - b1, e_g, v.dtype)
-            # v <- v <x1,x1> / (<x2,x2> + eps) with x2 = w - s m_new.
-            q = (unscaled(1.0, e_w, v.dtype) - s * c_w, -s * c_m, -s * c_g)
-            e_q = exponent(jnp.max(jnp.abs(jnp.stack(q)), axis=0))
-            f_q = pow2(-e_q, v.dtype)
-            quad = _quadratic(gr.values, _SRT_PAIRS, [x * f_q for x in q])
-            x2 = unscaled(quad, 2 * (e_q - e_w)) + unscaled(eps, -2 * e_w, v.dtype)
-            v_new = v * safe_div(ww, x2)
-            # v passes through per_unit with the coefficients, so that every read of
-            # the Gram pass is ordered before the loops that overwrite w and m
-            # (otherwise XLA copies both donated buffers).
-            s, c_m, c_w, c_g, r_w, r_m, r_g, v = per_unit(
-                s, c_m, c_w, c_g, gr.factor(0), gr.factor(1), gr.factor(2), v_new
+            rt = transport and d > 1
+            size = jnp.asarray(d, v.dtype)
+            if rt:
+                request = gram_request(
+                    (w_acc, m, g), _SRT_PAIRS, axes, verify_zero=(0,),
+                    then=units, inputs=(v, size),
+                )  # fmt: skip
+                s, c_m, c_w, c_g, r_w, r_m, r_g, v = yield request
+                m = c_m * (m * r_m) + c_w * (w_acc * r_w) + c_g * (g * r_g)
+                return (-s * m).astype(w.dtype), m, v
+            request = gram_request(
+                (g,), ((0, 0),), axes, verify_zero=(), then=units, inputs=(v, size)
             )
-            m = c_m * (m * r_m) + c_w * (w_acc * r_w) + c_g * (g * r_g)
+            s, v = yield request
+            m = b1 * m + (1 - b1) * g
             return (-s * m).astype(w.dtype), m, v
 
         results = leaf_map(
@@ -242,6 +267,13 @@ def scale_by_adams(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sgdmrt_units(gr, inputs, extra):
+    """SGD-MRT's per-group projection coefficients, for every leaf at once: the
+    buffer at ``w`` is ``b + c (w 2**-e_w)``."""
+    c = -unscaled(safe_div(gr.values[1], gr.values[0]), gr.exps[1])
+    return c, gr.factor(0)
 
 
 def scale_by_sgdmrt(
@@ -324,11 +356,10 @@ def scale_by_sgdmrt(
                 # b is stored at the params it moved (x1). The original transports
                 # it after the step; with x1 = x2 + lr b that equals projecting it
                 # at x2 = w now. A group at exactly zero keeps its buffer.
-                gr = yield from gram_program(
-                    (w_acc, b), ((0, 0), (0, 1)), axes, verify_zero=(0,)
-                )
-                c = -unscaled(safe_div(gr.values[1], gr.values[0]), gr.exps[1])
-                c, r_w = per_unit(c, gr.factor(0))
+                c, r_w = yield gram_request(
+                    (w_acc, b), ((0, 0), (0, 1)), axes, verify_zero=(0,),
+                    then=_sgdmrt_units,
+                )  # fmt: skip
                 b = b + c * (w_acc * r_w)
             b = momentum * b + to_acc(g)
             return (-lr * b).astype(w.dtype), b
