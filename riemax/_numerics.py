@@ -195,6 +195,7 @@ def _blocked_stats(*mats, pairs, block):
 FUSED_MAX_ELEMENTS = 1 << 17
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _fused_stats(mats, pairs):
     """:func:`_stats` as one variadic reduction (one loop, one compiled kernel)."""
     products = tuple(_product(mats, p, q) for p, q in pairs)
@@ -204,6 +205,19 @@ def _fused_stats(mats, pairs):
         return tuple(x + y for x, y in zip(xs, ys, strict=True))
 
     return tuple(jax.lax.reduce(products, zeros, add, (0,)))
+
+
+@_fused_stats.defjvp
+def _fused_stats_jvp(pairs, primals, tangents):
+    # Differentiation of a variadic reduction is not supported everywhere: the
+    # tangents are plain sums (linear in the tangents, as for ``jnp.sum``).
+    (mats,), (dots,) = primals, tangents
+    out = _fused_stats(mats, pairs)
+    tangent = tuple(
+        jnp.sum(dots[p] if q is None else dots[p] * mats[q] + mats[p] * dots[q], 0)
+        for p, q in pairs
+    )
+    return out, tangent
 
 
 def _one_pass(mats, pairs, *, fused: bool = False):
@@ -217,7 +231,7 @@ def _one_pass(mats, pairs, *, fused: bool = False):
     """
     rows, cols = mats[0].shape
     if fused or rows * cols <= FUSED_MAX_ELEMENTS:
-        return _fused_stats(mats, pairs)
+        return _fused_stats(list(mats), tuple(pairs))
     block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
     if rows >= 2 * block:
         return jax.lax.platform_dependent(
@@ -488,14 +502,44 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
     return jax.lax.cond(needed, careful, lambda: [r.value for r in requests])
 
 
+class Batched(NamedTuple):
+    """A per-unit function of a leaf's per-unit arrays, run once for the units of
+    every leaf that asks for the same ``fn`` in a round (no decision involved).
+
+    ``inputs`` is a tree of arrays broadcastable to ``keep`` (the leaf's per-unit
+    shape); ``fn(inputs)`` acts elementwise on units and returns a tree of them.
+    """
+
+    fn: Callable[[Any], Any]
+    inputs: Any
+    keep: tuple[int, ...]
+
+
+def _resolve_batched(requests: Sequence[Batched]) -> list[Any]:
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.fn, []).append(i)
+    results: list[Any] = [None] * len(requests)
+    for fn, members in groups.items():
+        keeps = [requests[i].keep for i in members]
+        out = _once(fn(_concat([requests[i].inputs for i in members], keeps)))
+        for i, value in zip(members, _split(out, keeps), strict=True):
+            results[i] = value
+    return results
+
+
 def _resolve_any(requests: Sequence[Any]) -> list[Any]:
-    """:func:`resolve` for the :class:`UnitRequest` and :func:`_resolve_fallbacks`
-    for the :class:`Fallback` requests of one round."""
-    kinds = [isinstance(r, Fallback) for r in requests]
-    units = resolve([r for r, k in zip(requests, kinds, strict=True) if not k])
-    falls = _resolve_fallbacks([r for r, k in zip(requests, kinds, strict=True) if k])
-    units_it, falls_it = iter(units), iter(falls)
-    return [next(falls_it) if k else next(units_it) for k in kinds]
+    """One round: :func:`resolve` for the :class:`UnitRequest`, one conditional for
+    the :class:`Fallback` and :func:`_resolve_batched` for the :class:`Batched`
+    requests."""
+    kinds = [type(r) for r in requests]
+    done = {
+        UnitRequest: resolve([r for r in requests if type(r) is UnitRequest]),
+        Fallback: _resolve_fallbacks([r for r in requests if type(r) is Fallback]),
+        Batched: _resolve_batched([r for r in requests if type(r) is Batched]),
+    }
+    iters = {k: iter(v) for k, v in done.items()}
+    return [next(iters[k]) for k in kinds]
 
 
 def drive(programs: Sequence[Any]) -> list[Any]:

@@ -39,6 +39,8 @@ import optax
 from riemax import _sphere as sphere
 from riemax._grassmann import adam_init, check_momentum, check_unit_eps
 from riemax._numerics import (
+    Batched,
+    Fallback,
     Gram,
     exponent,
     gram_request,
@@ -110,43 +112,33 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def _parts_request(w, g, s, *, unit_eps, then, inputs=None):
-    """The leaf's request: the Gram of ``(w, g, s)``; on the exact branch also
-    ``||h~||^2`` summed directly (for units whose gradient is nearly radial)."""
-
-    def direct(gr: Gram):
-        n_w = safe_sqrt(gr.values[0])
-        k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
-        ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-        hw = jnp.where(n_w > 0, -k * k * wg, 0.0)
-        radial = gg + hw * (2 * wg + hw * ww) < _TANGENT_FRACTION * gg
-        h = g * gr.factor(1) + hw * (w * gr.factor(0))
-        return jnp.where(radial, inner(h, h, unit_axes(w.ndim)), -1.0)
-
-    return gram_request(
-        (w, g, s),
-        _PAIRS,
-        unit_axes(w.ndim),
-        verify_zero=(0,),
-        then=then,
-        inputs=inputs,
-        extra=direct,
-        check=_tangent_ok,
-    )
-
-
-def _tangent_ok(gr: Gram, unit_eps: float = 0.0):
-    """Where ``||h~||^2`` from Gram values is exact (the gradient is not nearly
-    radial). ``unit_eps`` does not change the outcome of the test by more than
-    rounding, so the test uses the exact projection."""
+def _parts_program(w, g, s, *, unit_eps, then, inputs):
+    """One leaf's step as a program for ``leaf_map``, in three rounds for the whole
+    tree: the Gram of ``(w, g, s)`` (plain sums, or rescaled ones where a sum
+    overflows or underflows anywhere), ``||h~||^2`` summed directly where the Gram
+    identity cancels anywhere (nearly radial gradients), and ``then``, the
+    per-unit math of the step, on the units of every leaf at once."""
+    axes = unit_axes(w.ndim)
+    gr = yield gram_request((w, g, s), _PAIRS, axes, verify_zero=(0,))
     ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-    hh = gg - safe_div(wg * wg, ww)
-    return ~(hh < _TANGENT_FRACTION * gg)
+    n_w = safe_sqrt(ww)
+    k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
+    # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
+    hw = jnp.where(n_w > 0, -k * k * wg, 0.0)
+    hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
+    radial = hh < _TANGENT_FRACTION * gg
+
+    def direct():
+        h = g * gr.factor(1) + hw * (w * gr.factor(0))
+        return inner(h, h, axes)
+
+    hh = yield Fallback(hh, radial, direct)
+    return (yield Batched(then, (gr, hh, inputs), gr.values[0].shape))
 
 
-def _parts(gr: Gram, hh_direct, unit_eps, max_norm):
-    """Per-unit quantities from the Gram; ``hh_direct`` (the direct ``||h~||^2``
-    where the Gram identity cancels, -1 elsewhere) replaces that identity."""
+def _parts(gr: Gram, hh, unit_eps, max_norm):
+    """Per-unit quantities from the Gram and ``hh``, the squared norm of the scaled
+    projected gradient ``h~``."""
     ww, wg, ws, ss, gs, gg = gr.values
     e_w, e_g = gr.exps[0], gr.exps[1]
     n_w = safe_sqrt(ww)
@@ -154,8 +146,6 @@ def _parts(gr: Gram, hh_direct, unit_eps, max_norm):
     k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
     # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
     hw = jnp.where(live, -k * k * wg, 0.0)
-    hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
-    hh = jnp.where(hh_direct >= 0, hh_direct, hh)
     n_h = safe_sqrt(hh)
     w_scale = jnp.where(live, n_w, 1.0)
     e_h = jnp.where(live, e_w, 0) + e_g
@@ -217,9 +207,10 @@ def _write(coefficients, w, g, s):
     return f * (new * r_new) + (c * r_w - 1) * w, new
 
 
-def _sgdg_units(gr, inputs, extra, *, lr, momentum, unit_eps, max_norm):
+def _sgdg_units(args, *, lr, momentum, unit_eps, max_norm):
     """SGD-G's per-unit math, on the units of every leaf at once."""
-    p = _parts(gr, extra, unit_eps, max_norm)
+    gr, hh, _ = args
+    p = _parts(gr, hh, unit_eps, max_norm)
     c_tau = jnp.where(p.keep, unscaled(momentum, p.gram.exps[2], p.hh.dtype), 0.0)
     c_h = -lr * p.sigma
     # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
@@ -236,10 +227,10 @@ def _sgdg_units(gr, inputs, extra, *, lr, momentum, unit_eps, max_norm):
     return _coefficients(p, stored, update)
 
 
-def _adamg_units(gr, inputs, extra, *, lr, count, b1, b2, eps, unit_eps, max_norm):
+def _adamg_units(args, *, lr, count, b1, b2, eps, unit_eps, max_norm):
     """Adam-G's per-unit math, on the units of every leaf at once."""
-    v, size = inputs
-    p = _parts(gr, extra, unit_eps, max_norm)
+    gr, hh, (v, size) = args
+    p = _parts(gr, hh, unit_eps, max_norm)
     rms = p.hat_norm / jnp.sqrt(size)
     v = b2 * v + (1 - b2) * rms * rms
     scale = -lr * sphere.adamg_scale(v, size, count, b1, b2, eps)
@@ -336,8 +327,9 @@ def scale_by_sgdg(
 
         def leaf(g, s, w):
             g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
-            request = _parts_request(w_acc, g, s, unit_eps=unit_eps, then=units)
-            coefficients = yield request
+            coefficients = yield from _parts_program(
+                w_acc, g, s, unit_eps=unit_eps, then=units, inputs=()
+            )
             delta, new = _write(coefficients, w_acc, g, s)
             return delta.astype(w.dtype), new
 
@@ -431,10 +423,9 @@ def scale_by_adamg(
         def leaf(g, s, v, w):
             g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
             size = jnp.asarray(w.size // w.shape[-1], v.dtype)
-            request = _parts_request(
+            coefficients, v = yield from _parts_program(
                 w_acc, g, s, unit_eps=unit_eps, then=units, inputs=(v, size)
             )
-            coefficients, v = yield request
             delta, new = _write(coefficients, w_acc, g, s)
             return delta.astype(w.dtype), new, v
 
