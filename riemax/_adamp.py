@@ -45,6 +45,7 @@ import optax
 
 from riemax._labels import EUCLIDEAN, MANIFOLD, check_labels
 from riemax._numerics import (
+    Program,
     group_size,
     per_unit,
     pow2,
@@ -125,7 +126,7 @@ def _lift(value, e_a, big_a, e_b, big_b):
     return jnp.sum(unscaled(value, (e_a - big_a) + (e_b - big_b)))
 
 
-def _projection(w, g, d, *, eps, delta, wd_ratio, mode) -> _Projection | None:
+def _projection(w, g, d, *, eps, delta, wd_ratio, mode) -> Program:
     """The projection of the step ``d`` at ``w`` (accumulation dtype).
 
     ``mode`` is :data:`TEST` (the per-step test on the gradient ``g``),

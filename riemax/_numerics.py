@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: A leaf program for :func:`drive`: a generator that yields requests, receives
+#: their results and returns the leaf's result.
+Program = Generator[Any, Any, Any]
+
 
 def acc_dtype(dtype: Any) -> jnp.dtype:
     """Accumulation dtype: ``dtype`` promoted to at least float32."""
@@ -633,7 +637,7 @@ def gram_program(
     axes: Sequence[int],
     *,
     verify_zero: Sequence[int] | None = None,
-) -> Generator:
+) -> Program:
     """:func:`gram` as a program for :func:`drive`."""
     axes = tuple(axes)
     if not axes:  # one element per group: products cannot be rescaled usefully
@@ -690,7 +694,7 @@ def unit_gram_program(
     pairs: Sequence[tuple[int, int | None]],
     *,
     verify_zero: Sequence[int] | None = None,
-) -> Generator:
+) -> Program:
     """:func:`gram_program` with one group per output unit."""
     axes = unit_axes(arrays[0].ndim)
     return (yield from gram_program(arrays, pairs, axes, verify_zero=verify_zero))
@@ -712,7 +716,7 @@ def safe_div(num: Any, den: Any) -> jax.Array:
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
 
 
-def norm_program(x: jax.Array, axes: Sequence[int]) -> Generator:
+def norm_program(x: jax.Array, axes: Sequence[int]) -> Program:
     """:func:`norm` as a program for :func:`drive`."""
     g = yield from gram_program([x], [(0, 0)], axes)
     return unscaled(safe_sqrt(g.values[0]), g.exps[0])
@@ -724,7 +728,7 @@ def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     return run(norm_program(x, axes))
 
 
-def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Generator:
+def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Program:
     """:func:`normalize` as a program for :func:`drive`."""
     g = yield from gram_program([x], [(0, 0)], axes)
     n = safe_sqrt(g.values[0])

@@ -28,6 +28,7 @@ import optax
 from riemax._labels import MANIFOLD, check_labels
 from riemax._numerics import (
     Fallback,
+    Program,
     centered,
     drive,
     group_size,
@@ -80,7 +81,7 @@ class RotationalState(NamedTuple):
     radius: optax.Params
 
 
-def _radius(w: jax.Array, zero_mean: bool):
+def _radius(w: jax.Array, zero_mean: bool) -> Program:
     """``||w - mean(w)||`` (or ``||w||``) per unit, for any magnitude (a program
     for :func:`riemax._numerics.drive`)."""
     axes = unit_axes(w.ndim)

@@ -42,6 +42,7 @@ from riemax._numerics import (
     Batched,
     Fallback,
     Gram,
+    Program,
     exponent,
     gram_request,
     inner,
@@ -112,7 +113,7 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def _parts_program(w, g, s, *, unit_eps, then, inputs):
+def _parts_program(w, g, s, *, unit_eps, then, inputs) -> Program:
     """One leaf's step as a program for ``leaf_map``, in three rounds for the whole
     tree: the Gram of ``(w, g, s)`` (plain sums, or rescaled ones where a sum
     overflows or underflows anywhere), ``||h~||^2`` summed directly where the Gram

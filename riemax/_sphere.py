@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from riemax._numerics import (
+    Program,
     normalize,
     per_unit,
     run,
@@ -65,7 +66,7 @@ def unit(w: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     return normalize(w, unit_axes(w.ndim), eps)[0]
 
 
-def project_program(y: jax.Array, g: jax.Array):
+def project_program(y: jax.Array, g: jax.Array) -> Program:
     """:func:`project` as a program for ``riemax._numerics.drive``."""
     gr = yield from unit_gram_program([y, g], [(0, 1)])
     # <y, g> y, with the scale of g applied last: finite wherever the result is.
@@ -158,7 +159,7 @@ def expmap(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     return run(expmap_program(y, h, eps))
 
 
-def expmap_program(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS):
+def expmap_program(y: jax.Array, h: jax.Array, eps: float = DEFAULT_EPS) -> Program:
     """:func:`expmap` as a program for ``riemax._numerics.drive``."""
     gr = yield from unit_gram_program([h], [(0, 0)])
     c, d, _, rho = exp_coefficients(safe_sqrt(gr.values[0]), gr.exps[0], eps)
@@ -346,7 +347,7 @@ def carry(y: jax.Array, s: jax.Array) -> jax.Array:
     return run(carry_program(y, s))
 
 
-def carry_program(y: jax.Array, s: jax.Array):
+def carry_program(y: jax.Array, s: jax.Array) -> Program:
     """:func:`carry` as a program for ``riemax._numerics.drive``."""
     p = yield from project_program(y, s)
     gr = yield from unit_gram_program([p, s], [(0, 0), (1, 1)])
@@ -378,7 +379,7 @@ def clip(h: jax.Array, max_norm: float) -> jax.Array:
     return run(clip_program(h, max_norm))
 
 
-def clip_program(h: jax.Array, max_norm: float):
+def clip_program(h: jax.Array, max_norm: float) -> Program:
     """:func:`clip` as a program for ``riemax._numerics.drive``."""
     gr = yield from unit_gram_program([h], [(0, 0)])
     n = safe_sqrt(gr.values[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from riemax._numerics import (
+    Program,
     acc_dtype,
     drive,
     kept_shape,
@@ -306,6 +307,7 @@ def leaf_map(
 
     trees = (updates, *others) if params is None else (updates, *others, params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    treedef = cast(Any, treedef)  # flatten_up_to has no type stub
     columns = [[u for _, u in flat]] + [treedef.flatten_up_to(t) for t in trees[1:]]
     outs = [
         leaf(path, *row)
@@ -355,7 +357,7 @@ def unzip(template: Any, results: Any, n: int) -> tuple[Any, ...]:
     )
 
 
-def _as_program(result: Any):
+def _as_program(result: Any) -> Program:
     """``result`` itself, from a leaf program or a plain value alike."""
     if isinstance(result, Generator):
         return (yield from result)
@@ -364,7 +366,7 @@ def _as_program(result: Any):
 
 def stateless(
     owner: str,
-    leaf_fn: Callable[..., jax.Array],
+    leaf_fn: Callable[..., Any],
     *,
     needs_params: bool = True,
 ) -> optax.GradientTransformation:
@@ -427,7 +429,7 @@ def unit_of(w: jax.Array, unit_eps: Any) -> tuple[jax.Array, jax.Array]:
     return normalize(to_acc(w), unit_axes(w.ndim), unit_eps)
 
 
-def unit_of_program(w: jax.Array, unit_eps: Any):
+def unit_of_program(w: jax.Array, unit_eps: Any) -> Program:
     """:func:`unit_of` as a program for :func:`riemax._numerics.drive`."""
     return (yield from normalize_program(to_acc(w), unit_axes(w.ndim), unit_eps))
 

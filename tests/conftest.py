@@ -5,6 +5,9 @@
   programs turn them on with ``helpers.full_compile``.
 * pytest-xdist's ``-n auto`` worker count, and compiled programs released after
   every module.
+* One compilation cache on disk for every worker of a run (and every subprocess):
+  a program that several tests or workers build (the same optimizer step on the
+  same shapes) is compiled once.
 * hypothesis: a deterministic profile without deadlines (compilation times vary)
   and without shrinking.
 """
@@ -12,10 +15,21 @@
 from __future__ import annotations
 
 import gc
+import getpass
 import os
+import tempfile
 
 # Subprocesses (the runner's CLI, the notebooks' kernels) compile the same way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Compiled programs are shared through a cache on disk. Its keys include the
+# program, the compile options and the versions of jax and XLA, so a stale entry
+# is never used for a different program.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"riemax-tests-jax-cache-{getpass.getuser()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
