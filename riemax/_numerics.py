@@ -11,6 +11,15 @@ division, so that
 * no sum of squares overflows or underflows: :func:`gram` returns the inner
   products of arrays *scaled* by a power of two per group (exact), so a gradient of
   1e38 or a unit of 1e-30 has a finite, accurate norm.
+
+Inside an optimizer step the choice between plain sums (the common case) and
+rescaled ones is made once for the whole parameter tree. Each leaf's update is a
+*program*, a generator that yields its requests (:class:`UnitRequest`,
+:class:`Fallback`, :class:`Batched`) and receives their results; :func:`drive`
+runs the programs of every leaf in lockstep and resolves the requests of each
+round together: one conditional per round, and per-unit math run once on the
+units of every leaf. Called on their own (:func:`gram`, :func:`norm`,
+:func:`normalize`), the same programs run for a single array.
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@ spherical_adam(learning_rate=...) -> exp_map_update``, computed without
 materialising any intermediate of the chain:
 
 1. one pass over memory computes the per-unit inner products of the parameters
-   ``w``, the gradient ``g`` and the stored state ``s``, on the arrays scaled per
-   unit by powers of two (:func:`riemax._numerics.unit_gram`; exact, and finite
-   for any magnitude);
+   ``w``, the gradient ``g`` and the stored state ``s`` as plain sums; where any
+   sum of the parameter tree overflows or underflows, the whole step takes them
+   again on arrays scaled per unit by powers of two
+   (:func:`riemax._numerics.gram_request`; exact, and finite for any magnitude);
 2. every quantity of the chain (the projected gradient ``h = g~ + hw w~`` and its
    norm, the clip factor, the carried state ``tau = s~ + tw w~``, the new step and
    its angle, the exponential map and the new stored state) is a combination of
    the scaled arrays whose norm follows from those inner products. Only
    :math:`\|h\|^2 = \|g\|^2 - \langle y, g\rangle^2` can cancel, when a gradient is
-   nearly radial (kernels that are not exactly scale-invariant); a leaf with such
-   a unit sums it directly instead;
+   nearly radial (kernels that are not exactly scale-invariant); where any unit
+   of the tree does, the step sums it directly (one more pass, that step only).
+   This per-unit math runs once for the units of every leaf together;
 3. two elementwise loops write the new stored state ``S`` (in place of ``s``) and
    then the update ``F S + C y - w`` from it, which reads ``S`` and ``w`` only, so
    that donated buffers are updated in place. The stored form of
