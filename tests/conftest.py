@@ -24,9 +24,13 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs are shared through a cache on disk. Its keys include the
 # program, the compile options and the versions of jax and XLA, so a stale entry
 # is never used for a different program.
+try:
+    _user = getpass.getuser()
+except (KeyError, OSError):  # no user name in this environment
+    _user = str(os.getuid()) if hasattr(os, "getuid") else "user"
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"riemax-tests-jax-cache-{getpass.getuser()}"),
+    os.path.join(tempfile.gettempdir(), f"riemax-tests-jax-cache-{_user}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
