@@ -80,6 +80,16 @@ def _train_rows(labels, smoke: bool = False) -> list[tuple[str, object]]:
     return rows[:2] if smoke else rows
 
 
+def _add_timed_row(
+    table: Table, what: str, optax_cell: str, riemax_cell: str, cand, base
+) -> None:
+    """A row whose ratio is the median of the per-repetition ratios."""
+    per_rep = [c / b for c, b in zip(cand.times, base.times, strict=True)]
+    ratio = statistics.median(per_rep)
+    range_cell = f"{min(per_rep):.2f}..{max(per_rep):.2f}"
+    table.add([what, optax_cell, riemax_cell, ratio, range_cell], ratio)
+
+
 def train_rows(
     table: Table, model: str, batch: int, reps: int, warmup: int, smoke: bool = False
 ) -> None:
@@ -101,17 +111,13 @@ def train_rows(
     check_finite(steppers)
     base = steppers[0]
     for s in steppers[1:]:
-        per_rep = [c / b for c, b in zip(s.times, base.times, strict=True)]
-        ratio = statistics.median(per_rep)
-        table.add(
-            [
-                f"train step: {s.name} vs {base.name}",
-                f"{base.median * 1e3:.3g} ms ({batch / base.median:,.0f} img/s)",
-                f"{s.median * 1e3:.3g} ms ({batch / s.median:,.0f} img/s)",
-                ratio,
-                f"{min(per_rep):.2f}..{max(per_rep):.2f}",
-            ],
-            ratio,
+        _add_timed_row(
+            table,
+            f"train step: {s.name} vs {base.name}",
+            f"{base.median * 1e3:.3g} ms ({batch / base.median:,.0f} img/s)",
+            f"{s.median * 1e3:.3g} ms ({batch / s.median:,.0f} img/s)",
+            s,
+            base,
         )
         c_ratio = compile_s[s.name] / compile_s[base.name]
         table.add(
@@ -150,17 +156,13 @@ def optimizer_rows(
     base_of = {row.baseline: by_name[row.name] for row in bases}
     for row in cands:
         cand, base = by_name[row.name], base_of[row.baseline]
-        per_rep = [c / b for c, b in zip(cand.times, base.times, strict=True)]
-        ratio = statistics.median(per_rep)
-        table.add(
-            [
-                f"optimizer-only step: {row.name}",
-                f"{base.median * 1e3:.3g} ms ({row.baseline})",
-                f"{cand.median * 1e3:.3g} ms",
-                ratio,
-                f"{min(per_rep):.2f}..{max(per_rep):.2f}",
-            ],
-            ratio,
+        _add_timed_row(
+            table,
+            f"optimizer-only step: {row.name}",
+            f"{base.median * 1e3:.3g} ms ({row.baseline})",
+            f"{cand.median * 1e3:.3g} ms",
+            cand,
+            base,
         )
 
 

@@ -80,21 +80,16 @@ def _quadratic(values, pairs, coefs):
     return jnp.maximum(total, 0)
 
 
-def _adams_v(v, mean_square, b2):
-    """The per-group second moment: an average of the mean square of ``g``."""
-    return b2 * v + (1 - b2) * mean_square
-
-
 def _adams_scale(v, mean_square, d, lr, count, b1, b2, eps):
     """``(s, v_new)`` with the step ``-s m_new`` (one scalar ``s`` per group)."""
-    v = _adams_v(v, mean_square, b2)
+    v = b2 * v + (1 - b2) * mean_square  # an average of g's mean square
     t = count.astype(v.dtype)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     root_d = jnp.sqrt(d)
     return lr * root_d / bc1 / (root_d * safe_sqrt(v) / jnp.sqrt(bc2) + eps), v
 
 
-def _adams_units(gr, inputs, extra, *, lr, count, b1, b2, eps, transport):
+def _adams_units(gr, inputs, *, lr, count, b1, b2, eps, transport):
     """AdamS/AdamSRT's per-group math, on the groups of every leaf at once."""
     v, d = inputs
     rt = transport and len(gr.values) == len(_SRT_PAIRS)
@@ -269,7 +264,7 @@ def scale_by_adams(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _sgdmrt_units(gr, inputs, extra):
+def _sgdmrt_units(gr, inputs):
     """SGD-MRT's per-group projection coefficients, for every leaf at once: the
     buffer at ``w`` is ``b + c (w 2**-e_w)``."""
     c = -unscaled(safe_div(gr.values[1], gr.values[0]), gr.exps[1])

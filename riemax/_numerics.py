@@ -279,37 +279,33 @@ class UnitRequest(NamedTuple):
     """A leaf's per-unit statistics and what to compute from them.
 
     A leaf program (:func:`drive`) yields one and receives its result. The
-    statistics are per-group inner products of the leaf's arrays (a :class:`Gram`)
-    and ``extra`` per-unit sums; ``then(gram, inputs, extra)`` turns them into the
-    per-unit quantities the leaf needs (``inputs``: per-unit arrays of the leaf,
-    such as a second moment). ``then`` acts elementwise on units, so
-    :func:`resolve` runs it once on the units of every leaf of a step,
+    statistics are per-group inner products of the leaf's arrays (a :class:`Gram`);
+    ``then(gram, inputs)`` turns them into the per-unit quantities the leaf needs
+    (``inputs``: per-unit arrays of the leaf, such as a second moment), or, without
+    ``then``, the leaf receives the Gram itself. ``then`` acts elementwise on
+    units, so :func:`resolve` runs it once on the units of every leaf of a step,
     concatenated.
 
     The statistics come in two forms, with one decision for the whole step:
 
-    * fast: ``sums`` are plain sums from one pass over memory (replaced by
-      harmless values in a leaf whose ``ok`` fails, so that the discarded value
-      and its gradient stay finite); the scaled Gram follows from them exactly
-      where every sum is finite and every squared norm is zero (arrays not in
-      ``verify``) or at least ``floor``;
-      and ``extra`` is -1 (no direct sum). ``check(gram)`` says where ``then``
-      is exact with that ``extra`` (Gram identities that do not cancel);
-    * exact, when any of those tests or ``check`` fails: ``exact()`` returns the Gram
-      summed on arrays rescaled by powers of two, and ``extra``, sums taken
-      directly where the Gram identities of ``then`` cancel (-1 elsewhere).
+    * fast: ``sums`` are plain sums from one pass over memory; the scaled Gram
+      follows from them exactly where every sum is finite and every squared norm
+      is zero (arrays not in ``verify``) or at least ``floor``. Where that test
+      fails the sums are replaced by harmless values, so that the discarded value
+      and its gradient stay finite;
+    * exact, when the test fails anywhere in the step: ``exact()`` returns the Gram
+      summed on arrays rescaled by powers of two.
     """
 
     sums: tuple[jax.Array, ...]
     floor: float
     verify: tuple[int, ...]
-    exact: Callable[[], tuple[Gram, Any]]
+    exact: Callable[[], Gram]
     pairs: tuple[tuple[int, int | None], ...]
     diagonal: tuple[int, ...]
     keep: tuple[int, ...]
     then: Callable[..., Any] | None = None
     inputs: Any = None
-    check: Callable[[Gram], Any] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -325,44 +321,17 @@ def _from_plain(sums, pairs, diagonal) -> Gram:
 
 
 def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
-    """Per-unit trees of several leaves as one tree of flat arrays.
+    """Per-unit trees of several leaves as one tree of flat arrays, materialised
+    (:func:`_once`): the per-unit math reads them instead of fusing a
+    concatenation of every leaf into each of its loops."""
 
-    Every array of a dtype goes through one concatenation and one barrier
-    (:func:`_once`), so that the per-unit math reads materialised arrays instead
-    of fusing a concatenation of every leaf into each of its loops.
-    """
-    leaves_of = [jax.tree.leaves(t) for t in trees]
-    treedef = jax.tree.structure(trees[0])
-    if not leaves_of[0]:
-        return trees[0]
-    sizes = [math.prod(k) for k in keeps]
-    columns = []
-    for j in range(len(leaves_of[0])):
+    def cat(*xs):
         flat = [
-            jnp.broadcast_to(leaves[j], k).reshape(-1)
-            for leaves, k in zip(leaves_of, keeps, strict=True)
+            jnp.broadcast_to(x, k).reshape(-1) for x, k in zip(xs, keeps, strict=True)
         ]
-        columns.append(flat)
-    by_dtype: dict[Any, list[int]] = {}
-    for j, column in enumerate(columns):
-        by_dtype.setdefault(column[0].dtype, []).append(j)
-    out: list[Any] = [None] * len(columns)
-    total = sum(sizes)
-    for index in by_dtype.values():
-        blocks = [jnp.stack([columns[j][i] for j in index]) for i in range(len(sizes))]
-        joined = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
-        joined = _barrier(joined.reshape(len(index), total))
-        for k, j in enumerate(index):
-            out[j] = joined[k]
-    return jax.tree.unflatten(treedef, out)
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
 
-
-def _barrier(x: jax.Array) -> jax.Array:
-    """``x`` unchanged, through a reduction that XLA does not fuse into consumers."""
-    if x.dtype == jnp.bool_:
-        return _barrier(x.astype(jnp.int8)).astype(jnp.bool_)
-    first = (jnp.arange(2) == 0).reshape((2,) + (1,) * x.ndim)
-    return jnp.sum(jnp.where(first, x[None], jnp.zeros((), x.dtype)), 0, dtype=x.dtype)
+    return _once(jax.tree.map(cat, *trees))
 
 
 def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
@@ -380,7 +349,7 @@ def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
 
 
 def _group_key(r: UnitRequest) -> tuple:
-    return (r.then, r.check, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
+    return (r.then, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
 
 
 def _all_pairs(r: UnitRequest) -> tuple[tuple[int, int | None], ...]:
@@ -395,22 +364,16 @@ def _pack(arrays: Sequence[jax.Array]) -> jax.Array:
 
 
 def _once(tree: Any) -> Any:
-    """``tree`` (per-unit arrays) evaluated once, before the leaves read slices of
-    it: without a barrier, XLA fuses the whole per-unit computation into every
-    consumer of every slice (see :func:`per_unit`)."""
+    """``tree`` (flat per-unit arrays) evaluated once, before the leaves read
+    slices of it: :func:`per_unit` on the arrays of each dtype."""
     leaves, treedef = jax.tree.flatten(tree)
-    if not leaves:
-        return tree
-    total = max(x.size for x in leaves)
     by_dtype: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         by_dtype.setdefault(x.dtype, []).append(i)
     out = list(leaves)
     for index in by_dtype.values():
-        stacked = jnp.stack([jnp.broadcast_to(leaves[i], (total,)) for i in index])
-        once = _barrier(stacked)
-        for k, i in enumerate(index):
-            out[i] = once[k]
+        for i, x in zip(index, per_unit(*(leaves[i] for i in index)), strict=True):
+            out[i] = x
     return jax.tree.unflatten(treedef, out)
 
 
@@ -443,44 +406,28 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
             jnp.where(ok, s, 1.0 if p == q else 0.0)
             for s, (p, q) in zip(sums, _all_pairs(first), strict=True)
         )
-        checks.append(ok)
-        gram = _from_plain(sums, first.pairs, first.diagonal)
-        if first.check is not None:
-            checks.append(first.check(gram))
-        fast.append((gram, jnp.full_like(gram.values[0], -1)))
+        checks.append(jnp.all(ok))
+        fast.append(_from_plain(sums, first.pairs, first.diagonal))
 
-    def exact():
-        out = []
-        for members, keeps in zip(members_of, keeps_of, strict=True):
-            parts = [requests[i].exact() for i in members]
-            gram = _concat([p[0] for p in parts], keeps)
-            extra = parts[0][1]
-            if extra is None:
-                extra = jnp.full_like(gram.values[0], -1)
-            else:
-                extra = _concat([p[1] for p in parts], keeps)
-            out.append((gram, extra))
-        return packed(out)
-
-    def packed(stats):
+    def packed(grams):
         # Two arrays per group (values and exponents) cross the branch: the
         # compile time of a conditional grows with its number of outputs.
-        return [(_pack((*g.values, x)), _pack(g.exps)) for g, x in stats]
+        return [(_pack(g.values), _pack(g.exps)) for g in grams]
 
-    checks = [jnp.all(c) for c in checks if c is not True]
-    if checks:
-        ok = jnp.all(jnp.stack(checks))
-        stats = jax.lax.cond(ok, lambda: packed(fast), exact)
-        fast = [(Gram(tuple(v[:-1]), tuple(e)), v[-1]) for v, e in stats]
+    def exact():
+        return packed(
+            _concat([requests[i].exact() for i in members], keeps)
+            for members, keeps in zip(members_of, keeps_of, strict=True)
+        )
+
+    stats = jax.lax.cond(jnp.all(jnp.stack(checks)), lambda: packed(fast), exact)
     results: list[Any] = [None] * len(requests)
-    for members, keeps, (gram, extra) in zip(members_of, keeps_of, fast, strict=True):
+    for members, keeps, (values, exps) in zip(members_of, keeps_of, stats, strict=True):
         first = requests[members[0]]
-        if first.then is None:
-            out = _once(gram)
-        else:
-            inputs = _concat([requests[i].inputs for i in members], keeps)
-            out = _once(first.then(gram, inputs, extra))
-        for i, value in zip(members, _split(out, keeps), strict=True):
+        out = Gram(tuple(values), tuple(exps))
+        if first.then is not None:
+            out = first.then(out, _concat([requests[i].inputs for i in members], keeps))
+        for i, value in zip(members, _split(_once(out), keeps), strict=True):
             results[i] = value
     return results
 
@@ -558,12 +505,13 @@ def _resolve_any(requests: Sequence[Any]) -> list[Any]:
 def drive(programs: Sequence[Any]) -> list[Any]:
     """Runs per-leaf programs in lockstep, resolving their requests together.
 
-    A program is a generator that yields :class:`UnitRequest` and receives their
-    results (``value = yield request``), or any other object (a finished
-    result). All programs advance one request at a time: the requests of one
-    round are resolved by one :func:`resolve`, so the lowered step holds one
-    conditional per round and one copy of the per-unit math of each kind of
-    request, whatever the number of leaves.
+    A program is a generator that yields requests (:class:`UnitRequest`,
+    :class:`Fallback`, :class:`Batched`) and receives their results
+    (``value = yield request``), or any other object (a finished result). All
+    programs advance one request at a time and the requests of one round are
+    resolved together, so the lowered step holds at most one conditional per kind
+    of request and round, and one copy of each per-unit function, whatever the
+    number of leaves.
     """
     results = list(programs)
     sends: list[Any] = [None] * len(results)
@@ -598,14 +546,8 @@ def gram_request(
     verify_zero: Sequence[int] | None = None,
     then: Callable[..., Any] | None = None,
     inputs: Any = None,
-    extra: Callable[[Gram], Any] | None = None,
-    check: Callable[[Gram], Any] | None = None,
 ) -> UnitRequest:
-    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
-
-    ``extra(gram)`` computes, on the exact branch only, the direct sums that
-    ``then`` uses where its Gram identities cancel.
-    """
+    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`)."""
     axes = tuple(axes)
     if not axes:
         raise ValueError("gram_request needs at least one reduced axis.")
@@ -629,15 +571,12 @@ def gram_request(
         exps = [exponent(m) for m in maxes]
         scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
         values = _one_pass(scaled_mats, pairs, fused=True)
-        gram = Gram(
+        return Gram(
             tuple(v.reshape(keep) for v in values),
             tuple(e.reshape(keep) for e in exps),
         )
-        return gram, (None if extra is None else extra(gram))
 
-    return UnitRequest(
-        sums, floor, verify, exact, pairs, diagonal, keep, then, inputs, check
-    )
+    return UnitRequest(sums, floor, verify, exact, pairs, diagonal, keep, then, inputs)
 
 
 def gram_program(
@@ -787,7 +726,8 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     """
     stacked = jnp.stack(jnp.broadcast_arrays(*coefficients))
     first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
-    once = jnp.sum(jnp.where(first, stacked[None], 0), axis=0)
+    zero = jnp.zeros((), stacked.dtype)
+    once = jnp.sum(jnp.where(first, stacked[None], zero), axis=0, dtype=stacked.dtype)
     return tuple(once[i] for i in range(len(coefficients)))
 
 

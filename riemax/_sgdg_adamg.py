@@ -115,42 +115,52 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def _parts_program(w, g, s, *, unit_eps, then, inputs) -> Program:
+def _step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
     """One leaf's step as a program for ``leaf_map``, in three rounds for the whole
     tree: the Gram of ``(w, g, s)`` (plain sums, or rescaled ones where a sum
     overflows or underflows anywhere), ``||h~||^2`` summed directly where the Gram
     identity cancels anywhere (nearly radial gradients), and ``then``, the
-    per-unit math of the step, on the units of every leaf at once."""
+    per-unit math of the step, on the units of every leaf at once.
+
+    ``then((gram, hh, inputs))`` returns ``(coefficients, other)``; the program
+    returns ``(update, new stored state, other)``.
+    """
+    g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
     axes = unit_axes(w.ndim)
-    gr = yield gram_request((w, g, s), _PAIRS, axes, verify_zero=(0,))
+    gr = yield gram_request((w_acc, g, s), _PAIRS, axes, verify_zero=(0,))
+    _, _, hw = _tangent(gr, unit_eps)
     ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-    n_w = safe_sqrt(ww)
-    k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
-    # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
-    hw = jnp.where(n_w > 0, -k * k * wg, 0.0)
     hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
     radial = hh < _TANGENT_FRACTION * gg
 
     def direct():
-        h = g * gr.factor(1) + hw * (w * gr.factor(0))
+        h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
         return inner(h, h, axes)
 
     hh = yield Fallback(hh, radial, direct)
-    return (yield Batched(then, (gr, hh, inputs), gr.values[0].shape))
+    coefficients, other = yield Batched(then, (gr, hh, inputs), gr.values[0].shape)
+    delta, new = _write(coefficients, w_acc, g, s)
+    return delta.astype(w.dtype), new, other
+
+
+def _tangent(gr: Gram, unit_eps):
+    """``(live, k, hw)``: the units of non-zero norm, ``k = 1 / (|w~| + eps~)``
+    and the coefficient of the projected gradient ``h~ = g~ + hw w~``."""
+    n_w = safe_sqrt(gr.values[0])
+    live = n_w > 0
+    k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
+    # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
+    return live, k, jnp.where(live, -k * k * gr.values[1], 0.0)
 
 
 def _parts(gr: Gram, hh, unit_eps, max_norm):
     """Per-unit quantities from the Gram and ``hh``, the squared norm of the scaled
     projected gradient ``h~``."""
-    ww, wg, ws, ss, gs, gg = gr.values
+    ww, wg, ws, ss, gs, _ = gr.values
     e_w, e_g = gr.exps[0], gr.exps[1]
-    n_w = safe_sqrt(ww)
-    live = n_w > 0
-    k = safe_div(1.0, n_w + unit_eps * gr.factor(0))
-    # h = ||w|| (g - <y, g> y) = ||w|| 2**e_g (g~ - k^2 <w~, g~> w~) on live units.
-    hw = jnp.where(live, -k * k * wg, 0.0)
+    live, k, hw = _tangent(gr, unit_eps)
     n_h = safe_sqrt(hh)
-    w_scale = jnp.where(live, n_w, 1.0)
+    w_scale = jnp.where(live, safe_sqrt(ww), 1.0)
     e_h = jnp.where(live, e_w, 0) + e_g
     sigma = unscaled(w_scale, e_h)  # h = sigma h~
     h_norm = unscaled(w_scale * n_h, e_h)
@@ -227,7 +237,7 @@ def _sgdg_units(args, *, lr, momentum, unit_eps, max_norm):
     # Zero units: the Euclidean step d = c_h g~, stored as it is.
     stored = (stored[0], jnp.where(p.live, stored[1], c_h), stored[2])
     update = (jnp.where(p.live, update[0], 1.0), update[1], update[2])
-    return _coefficients(p, stored, update)
+    return _coefficients(p, stored, update), None
 
 
 def _adamg_units(args, *, lr, count, b1, b2, eps, unit_eps, max_norm):
@@ -329,12 +339,10 @@ def scale_by_sgdg(
         )
 
         def leaf(g, s, w):
-            g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
-            coefficients = yield from _parts_program(
-                w_acc, g, s, unit_eps=unit_eps, then=units, inputs=()
+            delta, new, _ = yield from _step_program(
+                g, s, w, unit_eps=unit_eps, then=units, inputs=()
             )
-            delta, new = _write(coefficients, w_acc, g, s)
-            return delta.astype(w.dtype), new
+            return delta, new
 
         results = leaf_map(owner, leaf, updates, state.trace, params=params)
         deltas, trace = unzip(updates, results, 2)
@@ -424,13 +432,12 @@ def scale_by_adamg(
         )
 
         def leaf(g, s, v, w):
-            g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
             size = jnp.asarray(w.size // w.shape[-1], v.dtype)
-            coefficients, v = yield from _parts_program(
-                w_acc, g, s, unit_eps=unit_eps, then=units, inputs=(v, size)
+            return (
+                yield from _step_program(
+                    g, s, w, unit_eps=unit_eps, then=units, inputs=(v, size)
+                )
             )
-            delta, new = _write(coefficients, w_acc, g, s)
-            return delta.astype(w.dtype), new, v
 
         results = leaf_map(owner, leaf, updates, state.mu, state.nu, params=params)
         deltas, mu, nu = unzip(updates, results, 3)
