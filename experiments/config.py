@@ -124,7 +124,7 @@ _CIFAR = {
     "checkpoint_every": 1000,
 }
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # RBN-TF's recipe (ALGORITHMS.md 2.6).
+    # RBN-TF's recipe (docs/algorithms.md#cho-and-lee-recipes).
     "cifar10": _CIFAR,
     "cifar100": _CIFAR,
     "svhn_cropped": _CIFAR

@@ -367,7 +367,7 @@ class WideBlock(nnx.Module):
 
 
 class WideResNet(nnx.Module):
-    """Pre-activation WRN-``depth``-``width`` (RBN-TF, ALGORITHMS.md section 2.7).
+    """Pre-activation WRN-``depth``-``width`` (RBN-TF; docs/algorithms.md).
 
     Stem ``conv`` (3x3, ``in_channels`` -> 16, no bias); groups ``group2``, ``group3``,
     ``group4`` of ``(depth - 4) / 6`` :class:`WideBlock` each (widths 16k, 32k, 64k,
@@ -506,7 +506,7 @@ _RESNET_CONFIGS = {
 
 
 class ResNet(nnx.Module):
-    """SRT's post-activation CIFAR ResNet-20 / ResNet-18 (ALGORITHMS.md section 3.6).
+    """SRT's post-activation CIFAR ResNet-20 / ResNet-18 (docs/algorithms.md).
 
     Stem ``conv`` 3x3 (no bias) -> ``bn`` -> ReLU; stages ``layer1``, ``layer2``, ...
     of :class:`BasicBlock`; global average pool (= SRT's AvgPool 8 / 4 at 32x32 input)

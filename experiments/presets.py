@@ -4,7 +4,7 @@ Every preset sets every value that its paper fixes (nothing is left to the
 dataset defaults), and names its source:
 
 - ``rbn-{cifar10,cifar100,svhn}-{model}-{sgd,sgdg,adamg}``: Cho & Lee 2017
-  (ALGORITHMS.md 2.6-2.8). Published commands: WRN-28-10 on CIFAR-10/100,
+  (docs/algorithms.md). Published commands: WRN-28-10 on CIFAR-10/100,
   WRN-22-8 on SVHN (all three optimizers), WRN-40-10 Adam-G and VGG-19 Adam-G on
   CIFAR-100. The other cells of the result tables (VGG-13, VGG-19, WRN-40-10,
   WRN-16-4) have no published command: their presets use the per-dataset flags of
@@ -14,14 +14,14 @@ dataset defaults), and names its source:
   (SVHN 160 on train+extra), the original manifold rule (``labels=paper``), BN
   decay 0.99, evaluation every 1000 steps, last-step test error reported.
 - ``srt-{cifar10,cifar100,svhn}-{model}-{optimizer}``: Roburin et al. 2020,
-  ``best_hyper_parameters.py`` (ALGORITHMS.md 3.5-3.7): 405 epochs, MultiStepLR
+  ``best_hyper_parameters.py`` (docs/algorithms.md): 405 epochs, MultiStepLR
   at epochs 135, 225, 315 (x0.1), batch 128, 5 % of train held out as validation,
   test error of the best-validation checkpoint (``select_best``). The repository's
-  ``adamg`` column is a different algorithm from Cho & Lee's Adam-G (ALGORITHMS.md
-  3.4: plain Adam on the convs and a normalisation of the BatchNorm parameters to
-  +-1), which riemax does not implement: it has no preset.
+  ``adamg`` column is a different algorithm from Cho & Lee's Adam-G (see
+  docs/algorithms.md: plain Adam on the convs and a normalisation of the
+  BatchNorm parameters to +-1), which riemax does not implement: it has no preset.
 - ``enorm-cifar10-{fc,conv}-{baseline,c1.2,c1.1}``: Stock et al. 2019 README
-  commands (ALGORITHMS.md 4.3): momentum SGD with L2 on every parameter, learning
+  commands (docs/algorithms.md): momentum SGD with L2 on every parameter, learning
   rate ``lr * (E - e) / E`` at epoch ``e``, batch 256, the first 40960 training
   images, ENorm cycle after every step (``enorm=c``; 0 is the baseline). The paper
   averages 5 runs (``--n_iter=5``).
@@ -467,7 +467,8 @@ def srt_name(data: str, model: str, optimizer: str) -> str:
     if optimizer == "adamg":
         raise ValueError(
             "SRT's adamg is a different algorithm from Cho & Lee's Adam-G "
-            "(ALGORITHMS.md 3.4) and has no preset; use --optimizer=adamg without "
+            "(docs/algorithms.md#the-adamg-baseline-of-the-original-code) and has "
+            "no preset; use --optimizer=adamg without "
             "--dataloader for Cho & Lee's"
         )
     return f"srt-{data}-{model}-{optimizer}"

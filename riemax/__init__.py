@@ -18,23 +18,31 @@ from riemax._adamp import (
 from riemax._adamsrt import (
     ScaleByAdamsState,
     ScaleBySgdmrtState,
+    adams,
+    adamsrt,
     scale_by_adams,
     scale_by_sgdmrt,
+    sgdmrt,
 )
-from riemax._alias import adamg, adams, adamsrt, hybrid, sgdg, sgdmrt
-from riemax._enorm import apply_enorm, enorm_cycle, kernel_chain
+from riemax._enorm import apply_enorm, enorm_cycle
+from riemax._geometry import (
+    Geometry,
+    ManifoldMomentumState,
+    geometry,
+    manifold_momentum,
+    manifold_project,
+    manifold_retract,
+)
 from riemax._grassmann import (
     SphericalAdamState,
     TransportedMomentumState,
     clip_tangent_norm,
     exp_map_update,
     grassmann_project,
-    ortho_penalty,
-    orthogonality_loss,
     spherical_adam,
     transported_momentum,
-    unit_init,
 )
+from riemax._hybrid import hybrid
 from riemax._labels import (
     EUCLIDEAN,
     MANIFOLD,
@@ -46,33 +54,58 @@ from riemax._labels import (
 from riemax._labels_numerical import labels_by_invariance
 from riemax._labels_structural import labels_from_model
 from riemax._nero import ScaleByNeroState, nero, nero_project, scale_by_nero
+from riemax._nnx import kernel_chain
+from riemax._ortho import ortho_penalty, orthogonality_loss, unit_init
 from riemax._rotational import (
     RotationalState,
     center_units,
     equilibrium_rate,
     rotational,
 )
-from riemax._sgdg_adamg import (
+from riemax._sgdg import (
     ScaleByAdamgState,
     ScaleBySgdgState,
+    adamg,
     scale_by_adamg,
     scale_by_sgdg,
+    sgdg,
 )
 from riemax._version import __version__
 
-# Earlier names, kept as aliases.
-sgdg_update = scale_by_sgdg
-adamg_update = scale_by_adamg
-SgdgUpdateState = ScaleBySgdgState
-AdamgUpdateState = ScaleByAdamgState
-AdamSState = ScaleByAdamsState
-SgdMRTState = ScaleBySgdmrtState
+#: Names of earlier releases: each still works and warns once when it is used.
+_DEPRECATED = {
+    "sgdg_update": "scale_by_sgdg",
+    "adamg_update": "scale_by_adamg",
+    "SgdgUpdateState": "ScaleBySgdgState",
+    "AdamgUpdateState": "ScaleByAdamgState",
+    "AdamSState": "ScaleByAdamsState",
+    "SgdMRTState": "ScaleBySgdmrtState",
+}
+_warned: set[str] = set()
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        if name not in _warned:
+            _warned.add(name)
+            import warnings
+
+            warnings.warn(
+                f"riemax.{name} is deprecated and will be removed in a future "
+                f"release; use riemax.{new}.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return globals()[new]
+    raise AttributeError(f"module 'riemax' has no attribute {name!r}")
+
 
 __all__ = [
-    "AdamSState",
-    "AdamgUpdateState",
     "EUCLIDEAN",
+    "Geometry",
     "MANIFOLD",
+    "ManifoldMomentumState",
     "RotationalState",
     "ScaleByAdamgState",
     "ScaleByAdampState",
@@ -81,13 +114,10 @@ __all__ = [
     "ScaleBySgdgState",
     "ScaleBySgdmrtState",
     "ScaleBySgdpState",
-    "SgdMRTState",
-    "SgdgUpdateState",
     "SphericalAdamState",
     "TransportedMomentumState",
     "__version__",
     "adamg",
-    "adamg_update",
     "adamp",
     "adams",
     "adamsrt",
@@ -99,6 +129,7 @@ __all__ = [
     "enorm_cycle",
     "equilibrium_rate",
     "exp_map_update",
+    "geometry",
     "grassmann_project",
     "hybrid",
     "kernel_chain",
@@ -107,6 +138,9 @@ __all__ = [
     "labels_by_regex",
     "labels_by_rule",
     "labels_from_model",
+    "manifold_momentum",
+    "manifold_project",
+    "manifold_retract",
     "nero",
     "nero_project",
     "ortho_penalty",
@@ -120,7 +154,6 @@ __all__ = [
     "scale_by_sgdmrt",
     "scale_by_sgdp",
     "sgdg",
-    "sgdg_update",
     "sgdmrt",
     "sgdp",
     "sphere",

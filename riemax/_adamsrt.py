@@ -25,30 +25,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from riemax import _checks as checks
+from riemax._gram import gram_request
+from riemax._hybrid import decayed
+from riemax._leafmap import (
+    Step,
+    schedule_value,
+    stateful,
+    zeros_like_state,
+    zeros_per_group,
+)
 from riemax._numerics import (
+    combination,
     exponent,
-    gram_request,
     group_axes,
     group_size,
     pow2,
     safe_div,
     safe_sqrt,
+    second_moment,
     to_acc,
     unscaled,
-)
-from riemax._unitwise import (
-    check_channel_axes,
-    check_dtype,
-    check_learning_rate,
-    check_number,
-    check_params,
-    check_rate,
-    leaf_map,
-    need_params,
-    schedule_value,
-    unzip,
-    zeros_like_state,
-    zeros_per_group,
 )
 
 
@@ -72,17 +69,23 @@ class ScaleBySgdmrtState(NamedTuple):
 _SRT_PAIRS = ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2))
 
 
-def _quadratic(values, pairs, coefs):
-    """``|sum_i coefs[i] x~_i|^2`` from the scaled Gram ``values`` over ``pairs``."""
-    total = 0.0
-    for value, (p, q) in zip(values, pairs, strict=True):
-        total = total + (1 if p == q else 2) * coefs[p] * coefs[q] * value
-    return jnp.maximum(total, 0)
+def _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, mu_dtype):
+    checks.check_learning_rate(owner, learning_rate)
+    checks.check_adam(owner, b1, b2, eps)
+    checks.check_channel_axes(owner, channel_axes)
+    checks.check_dtype(owner, "mu_dtype", mu_dtype)
+
+
+def _check_sgdmrt(owner, learning_rate, momentum, channel_axes, mu_dtype):
+    checks.check_learning_rate(owner, learning_rate)
+    checks.check_momentum(owner, momentum)
+    checks.check_channel_axes(owner, channel_axes)
+    checks.check_dtype(owner, "mu_dtype", mu_dtype)
 
 
 def _adams_scale(v, mean_square, d, lr, count, b1, b2, eps):
     """``(s, v_new)`` with the step ``-s m_new`` (one scalar ``s`` per group)."""
-    v = b2 * v + (1 - b2) * mean_square  # an average of g's mean square
+    v = second_moment(v, mean_square, b2)  # an average of g's mean square
     t = count.astype(v.dtype)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     root_d = jnp.sqrt(d)
@@ -113,7 +116,7 @@ def _adams_units(gr, inputs, *, lr, count, b1, b2, eps, transport):
     q = (unscaled(1.0, e_w, v.dtype) - s * c_w, -s * c_m, -s * c_g)
     e_q = exponent(jnp.max(jnp.abs(jnp.stack(q)), axis=0))
     f_q = pow2(-e_q, v.dtype)
-    quad = _quadratic(gr.values, _SRT_PAIRS, [x * f_q for x in q])
+    quad = combination([x * f_q for x in q], gr.values, _SRT_PAIRS)
     x2 = unscaled(quad, 2 * (e_q - e_w)) + unscaled(eps, -2 * e_w, v.dtype)
     v_new = v * safe_div(ww, x2)
     return s, c_m, c_w, c_g, gr.factor(0), gr.factor(1), gr.factor(2), v_new
@@ -191,29 +194,20 @@ def scale_by_adams(
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
     owner = "scale_by_adams"
-    check_learning_rate(owner, learning_rate)
-    check_rate(owner, "b1", b1)
-    check_rate(owner, "b2", b2)
-    check_number(owner, "eps", eps)
-    check_channel_axes(owner, channel_axes)
-    check_dtype(owner, "mu_dtype", mu_dtype)
+    _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, mu_dtype)
 
     def axes_of(p):
         return group_axes(p.ndim, channel_axes)
 
-    def init_fn(params):
-        check_params(owner, params, units=False, channel_axes=channel_axes)
+    def init(params):
         return ScaleByAdamsState(
             count=jnp.zeros([], jnp.int32),
             mu=zeros_like_state(params, mu_dtype),
             nu=zeros_per_group(params, axes_of),
         )
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
+    def prepare(state, count, updates, params):
         lr = schedule_value(learning_rate, state.count)
-        count = optax.safe_increment(state.count)
-
         units = functools.partial(
             _adams_units, lr=lr, count=count, b1=b1, b2=b2, eps=eps,
             transport=transport,
@@ -244,24 +238,16 @@ def scale_by_adams(
             m = b1 * m + (1 - b1) * g
             return (-s * m).astype(w.dtype), m, v
 
-        results = leaf_map(
-            owner,
-            leaf,
-            updates,
-            state.mu,
-            state.nu,
-            params=params,
-            units=False,
-            channel_axes=channel_axes,
-        )
-        deltas, mu, nu = unzip(updates, results, 3)
-        return deltas, ScaleByAdamsState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
+        return Step(leaf)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(
+        owner,
+        init,
+        prepare,
+        fields=("mu", "nu"),
+        units=False,
+        channel_axes=channel_axes,
+    )
 
 
 def _sgdmrt_units(gr, inputs):
@@ -329,19 +315,14 @@ def scale_by_sgdmrt(
       batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
     """
     owner = "scale_by_sgdmrt"
-    check_learning_rate(owner, learning_rate)
-    check_number(owner, "momentum", momentum, low=0.0, high=1.0)
-    check_channel_axes(owner, channel_axes)
-    check_dtype(owner, "mu_dtype", mu_dtype)
+    _check_sgdmrt(owner, learning_rate, momentum, channel_axes, mu_dtype)
 
-    def init_fn(params):
-        check_params(owner, params, units=False, channel_axes=channel_axes)
+    def init(params):
         return ScaleBySgdmrtState(
             count=jnp.zeros([], jnp.int32), trace=zeros_like_state(params, mu_dtype)
         )
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
+    def prepare(state, count, updates, params):
         lr = schedule_value(learning_rate, state.count)
 
         def leaf(g, b, w):
@@ -359,19 +340,155 @@ def scale_by_sgdmrt(
             b = momentum * b + to_acc(g)
             return (-lr * b).astype(w.dtype), b
 
-        results = leaf_map(
-            owner,
-            leaf,
-            updates,
-            state.trace,
-            params=params,
-            units=False,
-            channel_axes=channel_axes,
-        )
-        deltas, trace = unzip(updates, results, 2)
-        return deltas, ScaleBySgdmrtState(
-            count=optax.safe_increment(state.count),
-            trace=optax.tree.cast_like(trace, state.trace),
-        )
+        return Step(leaf)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(
+        owner,
+        init,
+        prepare,
+        fields=("trace",),
+        units=False,
+        channel_axes=channel_axes,
+    )
+
+
+# ------------------------------------------------------------------------ the aliases
+
+
+def adamsrt(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+    transport: bool = True,
+) -> optax.GradientTransformation:
+    r"""AdamSRT: AdamS with rescaled transport of its moments (Roburin et al.).
+
+    ``optax.chain(optax.add_decayed_weights(weight_decay),
+    scale_by_adams(learning_rate, b1, b2, eps, transport=transport))``: coupled L2,
+    then the standardised step of :func:`scale_by_adams`. After each step the
+    first moment is transported to the new point and both moments are rescaled by
+    the change of the group norm; ``transport=False`` is AdamS (:func:`adams`).
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b1: First-moment decay.
+      b2: Second-moment decay.
+      eps: Added after the square root and in the transport denominators.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
+      channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
+        element-wise (then it is Adam with coupled L2). Static.
+      transport: Rescale and transport the moments (AdamSRT) or not (AdamS).
+        Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}
+      >>> tx = riemax.adamsrt(1e-3)
+      >>> updates, state = tx.update(w, tx.init(w), w)
+      >>> [round(float(x), 5) for x in jnp.diag(updates["kernel"])]  # -lr * sqrt(3)
+      [-0.00173, -0.00173, -0.00173]
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    return _srt("adamsrt", learning_rate, b1, b2, eps, weight_decay, channel_axes,
+                transport)  # fmt: skip
+
+
+def adams(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+) -> optax.GradientTransformation:
+    r"""AdamS: Adam with one second moment per group (Roburin et al., 2020).
+
+    :func:`adamsrt` without the rescaled transport (``transport=False``): coupled
+    L2, then the standardised step of :func:`scale_by_adams`. With
+    ``channel_axes=None`` it is Adam with coupled L2.
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      b1: First-moment decay.
+      b2: Second-moment decay.
+      eps: Added after the square root.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
+      channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
+        element-wise. Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}
+      >>> tx = riemax.adams(1e-3)
+      >>> updates, _ = tx.update(w, tx.init(w), w)
+      >>> updates["kernel"][0].round(6)
+      Array([-0.001, -0.001], dtype=float32)
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    return _srt("adams", learning_rate, b1, b2, eps, weight_decay, channel_axes,
+                False)  # fmt: skip
+
+
+def sgdmrt(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+) -> optax.GradientTransformation:
+    r"""SGD-MRT: momentum SGD with per-group rescaled transport (Roburin et al.).
+
+    ``optax.chain(optax.add_decayed_weights(weight_decay),
+    scale_by_sgdmrt(learning_rate, momentum))``; see :func:`scale_by_sgdmrt`.
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule.
+      momentum: :math:`\mu`, in ``[0, 1]``.
+      weight_decay: Coupled L2 coefficient added to the gradient (>= 0).
+      channel_axes: ``(-1,)`` per unit (default), ``()`` whole tensor, ``None``
+        element-wise (then it is SGD with momentum). Static.
+
+    Returns:
+      A :class:`optax.GradientTransformation`; leaves of any rank are accepted.
+
+    Examples:
+      >>> import jax.numpy as jnp, riemax
+      >>> w = jnp.ones((2, 2))
+      >>> tx = riemax.sgdmrt(0.1, channel_axes=None)
+      >>> tx.update(jnp.ones_like(w), tx.init(w), w)[0]
+      Array([[-0.1, -0.1],
+             [-0.1, -0.1]], dtype=float32)
+
+    References:
+      Roburin, de Mont-Marin et al., `Spherical perspective on learning with
+      batch norm <https://arxiv.org/abs/2006.13382>`_, 2020
+    """
+    _check_sgdmrt("sgdmrt", learning_rate, momentum, channel_axes, None)
+    step = scale_by_sgdmrt(learning_rate, momentum, channel_axes=channel_axes)
+    return decayed("sgdmrt", weight_decay, channel_axes, step)
+
+
+def _srt(owner, learning_rate, b1, b2, eps, weight_decay, channel_axes, transport):
+    """AdamS or AdamSRT under the name the user called."""
+    _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, None)
+    step = scale_by_adams(
+        learning_rate, b1, b2, eps, channel_axes=channel_axes, transport=transport
+    )
+    return decayed(owner, weight_decay, channel_axes, step)

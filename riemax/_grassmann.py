@@ -1,9 +1,9 @@
 r"""The composable sphere transforms of Cho & Lee (2017).
 
 SGD-G and Adam-G as chains of small transforms that can be reordered, replaced and
-extended by hand:
+extended by hand (:func:`riemax.ortho_penalty` in front adds the gradient of the
+orthogonality regulariser):
 
-* :func:`ortho_penalty` adds the gradient of the orthogonality regulariser;
 * :func:`grassmann_project` takes the Riemannian gradient of every unit;
 * :func:`clip_tangent_norm` clips it per unit (an angle bound);
 * :func:`transported_momentum` (after :func:`optax.scale_by_learning_rate`) or
@@ -37,38 +37,31 @@ Conventions shared by every transform here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from riemax import _checks as checks
 from riemax import _sphere as sphere
+from riemax._gram import unit_gram_program
+from riemax._leafmap import (
+    Step,
+    moments_per_unit,
+    schedule_value,
+    stateful,
+    stateless,
+    unit_of_program,
+    zeros_like_state,
+)
 from riemax._numerics import (
-    acc_dtype,
     per_unit,
     safe_div,
     safe_sqrt,
+    second_moment,
     to_acc,
-    unit_gram_program,
     unscaled,
-)
-from riemax._unitwise import (
-    check_choice,
-    check_dtype,
-    check_learning_rate,
-    check_number,
-    check_params,
-    check_rate,
-    leaf_map,
-    need_params,
-    schedule_value,
-    stateless,
-    unit_of_program,
-    unzip,
-    zeros_like_state,
-    zeros_per_unit,
 )
 
 
@@ -84,37 +77,6 @@ class SphericalAdamState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
     mu: optax.Params
     nu: optax.Params
-
-
-def check_unit_eps(owner: str, unit_eps: Any) -> None:
-    check_number(owner, "unit_eps", unit_eps)
-
-
-def check_momentum(owner: str, momentum: Any) -> None:
-    check_number(owner, "momentum", momentum, low=0.0, high=1.0)
-
-
-def adam_init(
-    owner: str, state: Any, b1: Any, b2: Any, eps: Any, unit_eps: Any, mu_dtype: Any
-) -> Any:
-    """Checks Adam-G's arguments and returns the ``init`` of ``state`` (count, an
-    element-wise first moment, one second moment per unit); shared by
-    :func:`spherical_adam` and the one-pass :func:`riemax.scale_by_adamg`."""
-    check_rate(owner, "b1", b1)
-    check_rate(owner, "b2", b2)
-    check_number(owner, "eps", eps)
-    check_unit_eps(owner, unit_eps)
-    check_dtype(owner, "mu_dtype", mu_dtype)
-
-    def init_fn(params):
-        check_params(owner, params, units=True)
-        return state(
-            count=jnp.zeros([], jnp.int32),
-            mu=zeros_like_state(params, mu_dtype),
-            nu=zeros_per_unit(params),
-        )
-
-    return init_fn
 
 
 def stored_form(x, alpha, theta, y):
@@ -167,7 +129,7 @@ def grassmann_project(unit_eps: float = 1e-8) -> optax.GradientTransformation:
       Cho and Lee, `Riemannian approach to batch normalization
       <https://arxiv.org/abs/1709.09603>`_, 2017 (eq. 6)
     """
-    check_unit_eps("grassmann_project", unit_eps)
+    checks.check_unit_eps("grassmann_project", unit_eps)
 
     def leaf(g, w):
         y, w_norm = yield from unit_of_program(w, unit_eps)
@@ -208,7 +170,7 @@ def clip_tangent_norm(max_norm: float | None) -> optax.GradientTransformation:
     """
     if max_norm is None:
         return optax.identity()
-    check_number("clip_tangent_norm", "max_norm", max_norm)
+    checks.check_number("clip_tangent_norm", "max_norm", max_norm)
     return stateless(
         "clip_tangent_norm",
         lambda h: sphere.clip_program(h, max_norm),
@@ -267,34 +229,26 @@ def transported_momentum(
       <https://arxiv.org/abs/1709.09603>`_, 2017 (eq. 9, Algorithm 1)
     """
     owner = "transported_momentum"
-    check_momentum(owner, momentum)
-    check_unit_eps(owner, unit_eps)
-    check_dtype(owner, "mu_dtype", mu_dtype)
+    checks.check_momentum(owner, momentum)
+    checks.check_unit_eps(owner, unit_eps)
+    checks.check_dtype(owner, "mu_dtype", mu_dtype)
 
-    def init_fn(params):
-        check_params(owner, params, units=True)
+    def init(params):
         return TransportedMomentumState(trace=zeros_like_state(params, mu_dtype))
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
+    def leaf(u, s, w):
+        y, w_norm = yield from unit_of_program(w, unit_eps)
+        live = w_norm > 0
+        tau = jnp.where(live, (yield from sphere.carry_program(y, to_acc(s))), 0)
+        d = momentum * tau + to_acc(u)
+        gr = yield from unit_gram_program([d], [(0, 0)])
+        n = safe_sqrt(gr.values[0])
+        _, _, theta, rho = sphere.exp_coefficients(n, gr.exps[0], unit_eps)
+        # x = rho d, alpha = rho theta: the original's transported length.
+        stored = stored_form(rho * d, rho * theta, theta, y)
+        return d.astype(u.dtype), jnp.where(live, stored, 0).astype(s.dtype)
 
-        def leaf(u, s, w):
-            y, w_norm = yield from unit_of_program(w, unit_eps)
-            live = w_norm > 0
-            tau = jnp.where(live, (yield from sphere.carry_program(y, to_acc(s))), 0)
-            d = momentum * tau + to_acc(u)
-            gr = yield from unit_gram_program([d], [(0, 0)])
-            n = safe_sqrt(gr.values[0])
-            _, _, theta, rho = sphere.exp_coefficients(n, gr.exps[0], unit_eps)
-            # x = rho d, alpha = rho theta: the original's transported length.
-            stored = stored_form(rho * d, rho * theta, theta, y)
-            return d.astype(u.dtype), jnp.where(live, stored, 0).astype(s.dtype)
-
-        results = leaf_map(owner, leaf, updates, state.trace, params=params)
-        new_updates, trace = unzip(updates, results, 2)
-        return new_updates, TransportedMomentumState(trace=trace)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(owner, init, lambda *_: Step(leaf), fields=("trace",))
 
 
 def spherical_adam(
@@ -369,12 +323,15 @@ def spherical_adam(
     """
     owner = "spherical_adam"
     if learning_rate is not None:
-        check_learning_rate(owner, learning_rate)
-    init_fn = adam_init(owner, SphericalAdamState, b1, b2, eps, unit_eps, mu_dtype)
+        checks.check_learning_rate(owner, learning_rate)
+    checks.check_adam(owner, b1, b2, eps)
+    checks.check_unit_eps(owner, unit_eps)
+    checks.check_dtype(owner, "mu_dtype", mu_dtype)
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
-        count = optax.safe_increment(state.count)
+    def init(params):
+        return SphericalAdamState(**moments_per_unit(params, mu_dtype))
+
+    def prepare(state, count, updates, params):
         lr = None
         if learning_rate is not None:
             lr = schedule_value(learning_rate, state.count)
@@ -391,7 +348,7 @@ def spherical_adam(
             size = h.size // h.shape[-1]
             gr = yield from unit_gram_program([h, m], [(0, 0), (1, 1)])
             rms = unscaled(safe_sqrt(gr.values[0] / size), gr.exps[0])
-            v = b2 * v + (1 - b2) * rms * rms
+            v = second_moment(v, rms * rms, b2)
             scale = sphere.adamg_scale(v, size, count, b1, b2, eps)
             if lr is None:
                 return (scale * m).astype(h.dtype), jnp.where(live, m, 0), v
@@ -406,15 +363,9 @@ def spherical_adam(
             stored = stored_form(m, alpha, theta, y)
             return (scale * m).astype(h.dtype), jnp.where(live, stored, 0), v
 
-        results = leaf_map(owner, leaf, updates, state.mu, state.nu, params=params)
-        steps, mu, nu = unzip(updates, results, 3)
-        return steps, SphericalAdamState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
+        return Step(leaf)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(owner, init, prepare, fields=("mu", "nu"))
 
 
 #: Without the step angle, a stored ``m`` is kept while its projection keeps this
@@ -466,7 +417,7 @@ def exp_map_update(unit_eps: float = 1e-8) -> optax.GradientTransformation:
       Cho and Lee, `Riemannian approach to batch normalization
       <https://arxiv.org/abs/1709.09603>`_, 2017 (eq. 7)
     """
-    check_unit_eps("exp_map_update", unit_eps)
+    checks.check_unit_eps("exp_map_update", unit_eps)
 
     def leaf(d, w):
         y, w_norm = yield from unit_of_program(w, unit_eps)
@@ -474,142 +425,3 @@ def exp_map_update(unit_eps: float = 1e-8) -> optax.GradientTransformation:
         return jnp.where(w_norm > 0, new - to_acc(w), d)
 
     return stateless("exp_map_update", leaf)
-
-
-def ortho_penalty(
-    omega: float, *, at: str = "unit", unit_eps: float = 1e-8
-) -> optax.GradientTransformation:
-    r"""Adds the gradient of the orthogonality regulariser of each kernel.
-
-    With :math:`M` the ``(n, out)`` matrix whose columns are the units:
-
-    .. math::
-
-      R(M) = \tfrac12\,\omega\,\|M^\top M - I\|_F^2, \qquad
-      \nabla R = 2\omega\,\bigl(M (M^\top M) - M\bigr)
-
-    With ``at="unit"`` the regulariser is :math:`R(\mathrm{unit}(W))`, evaluated
-    at the unit vectors (the PyTorch original, inside the optimizer); its
-    gradient with respect to ``w`` is :math:`\nabla R(Y) / \|w_j\|` up to a radial
-    part that :func:`grassmann_project` removes, which keeps SGD-G and Adam-G
-    invariant to the scale of ``w`` (on unit-norm kernels the factor is 1, as in
-    the original). With ``at="param"`` it is :math:`R(W)` at the raw kernel (the
-    TensorFlow original, which adds :math:`R` to the loss; see
-    :func:`orthogonality_loss`). The two agree to ~1e-11 on unit-norm kernels.
-
-    Args:
-      omega: Strength :math:`\omega`; ``0.0`` disables the term.
-      at: ``"unit"`` or ``"param"``, see above.
-        Static under :func:`optax.inject_hyperparams`.
-      unit_eps: :math:`\epsilon_u` of ``unit(w)`` for ``at="unit"``.
-
-    Returns:
-      A stateless :class:`optax.GradientTransformation`; needs ``params``. Place it
-      before :func:`grassmann_project`.
-
-    Examples:
-      >>> import jax.numpy as jnp, riemax
-      >>> w = jnp.array([[1.0, 1.0], [0.0, 0.0]])
-      >>> tx = riemax.ortho_penalty(0.5, at="param")
-      >>> tx.update(jnp.zeros_like(w), tx.init(w), w)[0]
-      Array([[1., 1.],
-             [0., 0.]], dtype=float32)
-
-    References:
-      Cho and Lee, `Riemannian approach to batch normalization
-      <https://arxiv.org/abs/1709.09603>`_, 2017 (section 3.4)
-    """
-    check_choice("ortho_penalty", "at", at, ("unit", "param"))
-    check_number("ortho_penalty", "omega", omega)
-    check_unit_eps("ortho_penalty", unit_eps)
-    if isinstance(omega, (int, float)) and omega == 0:
-        return optax.identity()
-
-    def leaf(g, w):
-        if at == "param":
-            return g + omega * sphere.gram_residual_grad(to_acc(w))
-        y, w_norm = yield from unit_of_program(w, unit_eps)
-        return g + safe_div(omega * sphere.gram_residual_grad(y), w_norm)
-
-    return stateless("ortho_penalty", leaf)
-
-
-def orthogonality_loss(params: Any, omega: float, labels: Any = None) -> jax.Array:
-    r"""The orthogonality regulariser summed over kernels, to add to a loss.
-
-    .. math::
-
-      \sum_W \tfrac12\,\omega\,\|M(W)^\top M(W) - I\|_F^2
-
-    Args:
-      params: A parameter tree.
-      omega: Strength :math:`\omega`.
-      labels: Optional label tree (or callable of ``params``) with values
-        ``"manifold"``/``"euclidean"``; only manifold leaves are counted. Without
-        labels every leaf of rank >= 2 is counted.
-
-    Returns:
-      A scalar (float32 or wider).
-
-    Examples:
-      >>> import jax.numpy as jnp, riemax
-      >>> riemax.orthogonality_loss({"conv": {"kernel": 2 * jnp.eye(2)}}, 0.1)
-      Array(0.90000004, dtype=float32)
-
-    References:
-      Cho and Lee, `Riemannian approach to batch normalization
-      <https://arxiv.org/abs/1709.09603>`_, 2017 (section 3.4)
-    """
-    from riemax._labels import MANIFOLD, check_labels
-
-    check_number("orthogonality_loss", "omega", omega)
-    if labels is None:
-        keep = jax.tree.map(lambda p: p.ndim >= 2, params)
-    else:
-        keep = jax.tree.map(lambda lab: lab == MANIFOLD, check_labels(params, labels))
-    terms = jax.tree.map(
-        lambda p, k: sphere.gram_residual(to_acc(p)) if k else jnp.zeros([]),
-        params,
-        keep,
-    )
-    return omega * sum(jax.tree.leaves(terms), jnp.zeros([]))
-
-
-def unit_init(unit_eps: float = 1e-8) -> Callable[..., jax.Array]:
-    r"""A Flax ``kernel_init`` that draws unit-norm units.
-
-    Each unit is drawn from a standard normal truncated to :math:`\pm 2`
-    (values outside are resampled) and then normalized:
-    :math:`w_j / (\|w_j\| + \epsilon_u)`.
-
-    Args:
-      unit_eps: :math:`\epsilon_u`; the original keeps 1e-8 (norm ``1 - 1e-8``).
-
-    Returns:
-      An initializer ``init(key, shape, dtype=float32)`` for shapes of rank >= 2
-      and floating dtypes.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, riemax
-      >>> w = riemax.unit_init()(jax.random.key(0), (3, 3, 16, 8))
-      >>> jnp.linalg.norm(w.reshape(-1, 8), axis=0).round(6)
-      Array([1., 1., 1., 1., 1., 1., 1., 1.], dtype=float32)
-
-    References:
-      Cho and Lee, `Riemannian approach to batch normalization
-      <https://arxiv.org/abs/1709.09603>`_, 2017
-    """
-    check_unit_eps("unit_init", unit_eps)
-
-    def init(key, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        shape = tuple(shape)
-        if len(shape) < 2 or 0 in shape:
-            raise ValueError(
-                f"riemax.unit_init: shape {shape} has no units; it needs at least 2 "
-                "axes, none of size 0."
-            )
-        check_dtype("unit_init", "dtype", dtype)
-        w = jax.random.truncated_normal(key, -2.0, 2.0, shape, acc_dtype(dtype))
-        return sphere.unit(w, unit_eps).astype(dtype)
-
-    return init

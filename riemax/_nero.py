@@ -20,16 +20,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from riemax import _checks as checks
+from riemax._gram import gram_program, norm, normalize, normalize_program
+from riemax._leafmap import Step, schedule_value, stateful
 from riemax._numerics import (
     acc_dtype,
     centered,
     exponent,
-    gram_program,
     group_size,
     kept_shape,
-    norm,
-    normalize,
-    normalize_program,
     per_unit,
     pow2,
     root_ema,
@@ -38,15 +37,6 @@ from riemax._numerics import (
     to_acc,
     unit_axes,
     unscaled,
-)
-from riemax._unitwise import (
-    check_learning_rate,
-    check_params,
-    check_rate,
-    leaf_map,
-    need_params,
-    schedule_value,
-    unzip,
 )
 
 
@@ -119,7 +109,7 @@ def nero_project(params: optax.Params) -> optax.Params:
       Liu, Bernstein, Meister and Yue, `Learning by turning: neural architecture
       aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
     """
-    check_params("nero_project", params, units=False)
+    checks.check_params("nero_project", params, units=False)
     return jax.tree.map(lambda w: _project_leaf(w) if w.ndim >= 2 else w, params)
 
 
@@ -184,12 +174,9 @@ def scale_by_nero(
       aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
     """
     owner = "scale_by_nero"
-    check_learning_rate(owner, learning_rate)
-    check_rate(owner, "b2", b2)
-    _check_constraints(owner, constraints)
+    _check_nero(owner, learning_rate, b2, constraints)
 
-    def init_fn(params):
-        check_params(owner, params, units=False)
+    def init(params):
         return ScaleByNeroState(
             count=jnp.zeros([], jnp.int32),
             nu=jax.tree.map(
@@ -201,10 +188,8 @@ def scale_by_nero(
             scale=jax.tree.map(_initial_scale, params),
         )
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
+    def prepare(state, count, updates, params):
         lr = schedule_value(learning_rate, state.count)
-        count = optax.safe_increment(state.count)
 
         def leaf(g, nu, scale, w):
             g, w_acc = to_acc(g), to_acc(w)
@@ -238,15 +223,15 @@ def scale_by_nero(
             c = yield from normalize_program(q - mean, axes, 0.0)
             return (c[0] - w_acc).astype(w.dtype), nu
 
-        results = leaf_map(
-            owner, leaf, updates, state.nu, state.scale, params=params, units=False
-        )
-        deltas, nu = unzip(updates, results, 2)
-        return deltas, ScaleByNeroState(
-            count=count, nu=optax.tree.cast_like(nu, state.nu), scale=state.scale
-        )
+        return Step(leaf, extra=(state.scale,))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(owner, init, prepare, fields=("nu",), units=False)
+
+
+def _check_nero(owner, learning_rate, b2, constraints):
+    checks.check_learning_rate(owner, learning_rate)
+    checks.check_rate(owner, "b2", b2)
+    _check_constraints(owner, constraints)
 
 
 def nero(
@@ -289,5 +274,5 @@ def nero(
       Liu, Bernstein, Meister and Yue, `Learning by turning: neural architecture
       aware optimisation <https://arxiv.org/abs/2102.07227>`_, ICML 2021
     """
-    _check_constraints("nero", constraints)
+    _check_nero("nero", learning_rate, b2, constraints)
     return scale_by_nero(learning_rate, b2, constraints=constraints)

@@ -25,45 +25,36 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from riemax._labels import MANIFOLD, check_labels
-from riemax._numerics import (
+from riemax import _checks as checks
+from riemax._gram import (
     Fallback,
     Program,
-    centered,
     drive,
-    group_size,
     norm,
     norm_program,
     normalize,
+    unit_gram_program,
+)
+from riemax._labels import MANIFOLD, check_labels
+from riemax._leafmap import Step, leaf_map, schedule_value, stateful, zeros_per_unit
+from riemax._numerics import (
+    PAIR_GRAM,
+    TRUSTED_FRACTION,
+    centered,
+    combination,
+    group_size,
     per_unit,
     root_ema,
     safe_div,
     safe_sqrt,
     to_acc,
     unit_axes,
-    unit_gram_program,
     unscaled,
 )
 from riemax._numerics import inner as inner_product
-from riemax._unitwise import (
-    check_choice,
-    check_learning_rate,
-    check_number,
-    check_params,
-    check_rate,
-    leaf_map,
-    need_params,
-    schedule_value,
-    unzip,
-    zeros_per_unit,
-)
 
 #: The inner optimizers whose equilibrium rate :func:`equilibrium_rate` knows.
 INNERS = ("adamw", "sgdm", "lion")
-
-#: Per-unit norms from Gram identities are trusted while the centred, projected
-#: direction keeps at least this fraction of ``||u||**2`` (at most one bit lost).
-_KEPT_FRACTION = 0.5
 
 
 class RotationalState(NamedTuple):
@@ -116,9 +107,9 @@ def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
     r_s = unscaled(r, -e_p)
     kappa = safe_div(pu, r_s * r_s)
     mu = (sum_u - kappa * sum_p) / n
-    vv = uu - 2 * kappa * pu + kappa * kappa * pp - n * mu * mu
+    vv = combination((1.0, -kappa), (uu, pu, pp), PAIR_GRAM) - n * mu * mu
     pv = pu - kappa * pp - mu * sum_p
-    cancelled = vv < _KEPT_FRACTION * uu
+    cancelled = vv < TRUSTED_FRACTION * uu
 
     def direct():
         pt = p * f_p
@@ -135,7 +126,7 @@ def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
     a_s = n**0.5 * safe_div(unscaled(nu, -e_u), jnp.sqrt(bc))
     gamma = rate * r_s * safe_div(1.0, a_s + unscaled(eps, -e_u, dtype))
     # p <- p r / |p|.
-    big = safe_sqrt(jnp.maximum(pp - 2 * gamma * pv + gamma * gamma * vv, 0))
+    big = safe_sqrt(combination((1.0, -gamma), (pp, pv, vv), PAIR_GRAM))
     phi = safe_div(r, big)
     phi, f_p, f_u, gamma, kappa, mu = per_unit(phi, f_p, f_u, gamma, kappa, mu)
     pt = p * f_p
@@ -226,16 +217,15 @@ def rotational(
             f"riemax.{owner}: inner must be an optax.GradientTransformation, got "
             f"{type(inner).__name__}."
         )
-    check_number(owner, "rate", rate, allow_schedule=True)
+    checks.check_number(owner, "rate", rate, allow_schedule=True)
     if not isinstance(zero_mean, bool):
         raise TypeError(
             f"riemax.{owner}: zero_mean must be True or False, got {zero_mean!r}."
         )
-    check_rate(owner, "decay", decay)
-    check_number(owner, "eps", eps)
+    checks.check_rate(owner, "decay", decay)
+    checks.check_number(owner, "eps", eps)
 
-    def init_fn(params):
-        check_params(owner, params, units=True)
+    def init(params):
         acc = jax.tree.map(to_acc, params)
         return RotationalState(
             count=jnp.zeros([], jnp.int32),
@@ -244,15 +234,13 @@ def rotational(
             radius=zeros_per_unit(params),
         )
 
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
+    def prepare(state, count, updates, params):
         leaf_map(owner, lambda g, w: None, updates, params=params)
         acc = jax.tree.map(to_acc, params)
         direction, inner_state = inner.update(
             jax.tree.map(to_acc, updates), state.inner_state, acc
         )
         eta = schedule_value(rate, state.count)
-        count = optax.safe_increment(state.count)
         # The radius of every unit, taken once at the first step.
         leaves, treedef = jax.tree.flatten(acc)
 
@@ -270,16 +258,14 @@ def rotational(
             )  # fmt: skip
             return delta.astype(w.dtype), nu, r
 
-        results = leaf_map(owner, leaf, direction, state.nu, radius, params=params)
-        deltas, nu, radius = unzip(updates, results, 3)
-        return deltas, RotationalState(
-            count=count,
-            inner_state=inner_state,
-            nu=optax.tree.cast_like(nu, state.nu),
-            radius=optax.tree.cast_like(radius, state.radius),
+        return Step(
+            leaf,
+            updates=direction,
+            state=state._replace(radius=radius),
+            replace={"inner_state": inner_state},
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return stateful(owner, init, prepare, fields=("nu", "radius"))
 
 
 def center_units(params: optax.Params, labels: Any = None) -> optax.Params:
@@ -311,7 +297,7 @@ def center_units(params: optax.Params, labels: Any = None) -> optax.Params:
       [3.16228, 2.0]
     """
     owner = "center_units"
-    check_params(owner, params, units=False)
+    checks.check_params(owner, params, units=False)
     if labels is None:
         chosen = jax.tree.map(lambda w: w.ndim >= 2, params)
     else:
@@ -392,12 +378,12 @@ def equilibrium_rate(
       2024
     """
     owner = "equilibrium_rate"
-    check_choice(owner, "inner", inner, INNERS)
-    check_learning_rate(owner, learning_rate)
-    check_number(owner, "weight_decay", weight_decay)
-    check_rate(owner, "b1", b1)
-    check_rate(owner, "b2", b2)
-    check_rate(owner, "momentum", momentum)
+    checks.check_choice(owner, "inner", inner, INNERS)
+    checks.check_learning_rate(owner, learning_rate)
+    checks.check_number(owner, "weight_decay", weight_decay)
+    checks.check_rate(owner, "b1", b1)
+    checks.check_rate(owner, "b2", b2)
+    checks.check_rate(owner, "momentum", momentum)
 
     def of(lr: Any) -> Any:
         if inner == "adamw":

@@ -24,18 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from riemax._numerics import (
-    Program,
-    normalize,
-    per_unit,
-    run,
-    safe_div,
-    safe_sqrt,
-    unit_axes,
-    unit_gram,
-    unit_gram_program,
-    unscaled,
-)
+from riemax._gram import Program, normalize, run, unit_gram, unit_gram_program
+from riemax._numerics import per_unit, safe_div, safe_sqrt, unit_axes, unscaled
 
 DEFAULT_EPS = 1e-8
 

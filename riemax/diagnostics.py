@@ -33,7 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from riemax._numerics import norm, safe_div, safe_sqrt, to_acc, unit_axes
+from riemax._gram import norm
+from riemax._numerics import safe_div, safe_sqrt, to_acc, unit_axes
 from riemax._sphere import gram_residual
 
 __all__ = [

@@ -31,66 +31,30 @@ reference; the tests compare both with the float64 reference of the originals.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from riemax import _sphere as sphere
-from riemax._grassmann import adam_init, check_momentum, check_unit_eps
+from riemax._gram import Batched, Fallback, Gram, Program, gram_request
 from riemax._numerics import (
-    Batched,
-    Fallback,
-    Gram,
-    Program,
+    PAIR_GRAM,
+    TRUSTED_FRACTION,
+    combination,
     exponent,
-    gram_request,
     inner,
     pow2,
     safe_div,
     safe_sqrt,
+    second_moment,
     to_acc,
     unit_axes,
     unscaled,
 )
-from riemax._unitwise import (
-    check_dtype,
-    check_learning_rate,
-    check_number,
-    check_params,
-    leaf_map,
-    need_params,
-    schedule_value,
-    unzip,
-    zeros_like_state,
-)
-
-
-class ScaleBySgdgState(NamedTuple):
-    """State of :func:`scale_by_sgdg`: step count (for schedules) and the last step
-    in carried form."""
-
-    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
-    trace: optax.Params
-
-
-class ScaleByAdamgState(NamedTuple):
-    """State of :func:`scale_by_adamg`: step count, first moment (carried form),
-    per-unit second moment per element."""
-
-    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
-    mu: optax.Params
-    nu: optax.Params
-
 
 #: (w, g, s) index pairs of the per-unit Gram quantities: ww, wg, ws, ss, gs, gg.
 _PAIRS = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
-
-#: ``||h||^2`` from Gram quantities is trusted while the tangent part keeps at
-#: least this fraction of ``||g||^2`` (at most one bit of cancellation).
-_TANGENT_FRACTION = 0.5
 
 
 class _Parts(NamedTuple):
@@ -115,7 +79,7 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def _step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
+def step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
     """One leaf's step as a program for ``leaf_map``, in three rounds for the whole
     tree: the Gram of ``(w, g, s)`` (plain sums, or rescaled ones where a sum
     overflows or underflows anywhere), ``||h~||^2`` summed directly where the Gram
@@ -130,8 +94,8 @@ def _step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
     gr = yield gram_request((w_acc, g, s), _PAIRS, axes, verify_zero=(0,))
     _, _, hw = _tangent(gr, unit_eps)
     ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-    hh = jnp.maximum(gg + hw * (2 * wg + hw * ww), 0)
-    radial = hh < _TANGENT_FRACTION * gg
+    hh = combination((1.0, hw), (gg, wg, ww), PAIR_GRAM)
+    radial = hh < TRUSTED_FRACTION * gg
 
     def direct():
         h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
@@ -172,20 +136,19 @@ def _parts(gr: Gram, hh, unit_eps, max_norm):
         hat_norm = jnp.where(clipped, max_norm, h_norm)
     # The stored state carried to y: its projection, kept where it was carried.
     tw = -k * k * ws
-    tt = jnp.maximum(ss + tw * (2 * ws + tw * ww), 0)
+    tt = combination((1.0, tw), (ss, ws, ww), PAIR_GRAM)
     keep = live & sphere.carry_kept(safe_sqrt(tt), safe_sqrt(ss))
     th = gs + hw * ws + tw * wg + tw * hw * ww
     return _Parts(gr, live, k, hw, sigma, hat_norm, hh, tw, keep, tt, th)
 
 
 def _combine(p: _Parts, c_tau, c_h):
-    """``x = c_tau tau~ + c_h h~ = 2**e x_hat``: returns ``(e, p_tau, p_h, |x_hat|)``
-    with ``x_hat = p_tau tau~ + p_h h~`` and ``|p_tau|, |p_h| <= 1``."""
+    """``x = c_tau tau~ + c_h h~ = 2**e x_hat``: returns ``(e, |x_hat|)`` with
+    ``x_hat = p_tau tau~ + p_h h~`` and ``|p_tau|, |p_h| <= 1``."""
     e = exponent(jnp.maximum(jnp.abs(c_tau), jnp.abs(c_h)))
     f = pow2(-e, c_h.dtype)
-    p_tau, p_h = c_tau * f, c_h * f
-    n2 = p_tau * p_tau * p.tt + 2 * p_tau * p_h * p.th + p_h * p_h * p.hh
-    return e, p_tau, p_h, safe_sqrt(jnp.maximum(n2, 0))
+    n2 = combination((c_tau * f, c_h * f), (p.tt, p.th, p.hh), PAIR_GRAM)
+    return e, safe_sqrt(n2)
 
 
 def _coefficients(p: _Parts, stored, update):
@@ -220,14 +183,14 @@ def _write(coefficients, w, g, s):
     return f * (new * r_new) + (c * r_w - 1) * w, new
 
 
-def _sgdg_units(args, *, lr, momentum, unit_eps, max_norm):
+def sgdg_units(args, *, lr, momentum, unit_eps, max_norm):
     """SGD-G's per-unit math, on the units of every leaf at once."""
     gr, hh, _ = args
     p = _parts(gr, hh, unit_eps, max_norm)
     c_tau = jnp.where(p.keep, unscaled(momentum, p.gram.exps[2], p.hh.dtype), 0.0)
     c_h = -lr * p.sigma
     # d = momentum tau - lr h_hat = 2**e d_hat, |d_hat| = n
-    e, _, _, n = _combine(p, c_tau, c_h)
+    e, n = _combine(p, c_tau, c_h)
     _, sin_n, theta, rho = sphere.exp_coefficients(n, e, unit_eps)
     a, b, c_y = sphere.step_coefficients(theta, rho)
     # x = rho d, alpha = rho theta. Stored: rho (a d + b theta y). Update:
@@ -240,17 +203,17 @@ def _sgdg_units(args, *, lr, momentum, unit_eps, max_norm):
     return _coefficients(p, stored, update), None
 
 
-def _adamg_units(args, *, lr, count, b1, b2, eps, unit_eps, max_norm):
+def adamg_units(args, *, lr, count, b1, b2, eps, unit_eps, max_norm):
     """Adam-G's per-unit math, on the units of every leaf at once."""
     gr, hh, (v, size) = args
     p = _parts(gr, hh, unit_eps, max_norm)
     rms = p.hat_norm / jnp.sqrt(size)
-    v = b2 * v + (1 - b2) * rms * rms
+    v = second_moment(v, rms * rms, b2)
     scale = -lr * sphere.adamg_scale(v, size, count, b1, b2, eps)
     c_tau = jnp.where(p.keep, unscaled(b1, p.gram.exps[2], v.dtype), 0.0)
     c_h = (1 - b1) * p.sigma
     # m_new = b1 tau + (1 - b1) h_hat = 2**e m_hat, |m_hat| = n
-    e, _, _, n = _combine(p, c_tau, c_h)
+    e, n = _combine(p, c_tau, c_h)
     _, sin_n, theta, rho = sphere.exp_coefficients(jnp.abs(scale) * n, e, unit_eps)
     a, b, c_y = sphere.step_coefficients(theta, rho)
     norm_m = jnp.minimum(unscaled(n, e), jnp.finfo(n.dtype).max)
@@ -263,188 +226,3 @@ def _adamg_units(args, *, lr, count, b1, b2, eps, unit_eps, max_norm):
     # Zero units: the Euclidean step scale * m_new with S = m_new.
     update = (jnp.where(p.live, update[0], scale), update[1], update[2])
     return _coefficients(p, stored, update), v
-
-
-def scale_by_sgdg(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    grad_clip: float | None = 0.1,
-    *,
-    unit_eps: float = 1e-8,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    r"""The SGD-G step (projection, clipping, momentum, exp map) in one pass.
-
-    Equal to ``optax.chain(grassmann_project(unit_eps), clip_tangent_norm(grad_clip),
-    optax.scale_by_learning_rate(learning_rate), transported_momentum(momentum,
-    unit_eps=unit_eps), exp_map_update(unit_eps))`` up to rounding, with one
-    reduction pass and two elementwise passes per leaf:
-
-    .. math::
-
-      \begin{align*}
-        \hat h &= \mathrm{clip}_\nu\bigl(\|w\|\,(g - \langle y, g\rangle y)\bigr),
-          \quad y = w / (\|w\| + \epsilon_u) \\
-        d &= \gamma\, \Gamma(d_\mathrm{prev}) - \eta\, \hat h, \qquad
-        \text{update} = \mathrm{Exp}_y(d) - w
-      \end{align*}
-
-    Args:
-      learning_rate: :math:`\eta`, a float or an optax schedule.
-      momentum: :math:`\gamma`, in ``[0, 1]``.
-      grad_clip: :math:`\nu`; ``None`` disables clipping. Static.
-      unit_eps: :math:`\epsilon_u`.
-      mu_dtype: Dtype of the stored step; defaults to the params dtype promoted
-        to at least float32. Static.
-
-    Returns:
-      A :class:`optax.GradientTransformation` with :class:`ScaleBySgdgState`; last
-      in a chain; needs ``params``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, riemax
-      >>> w = riemax.unit_init()(jax.random.key(0), (16, 4))
-      >>> tx = riemax.scale_by_sgdg(0.2)
-      >>> updates, state = tx.update(jnp.ones_like(w), tx.init(w), w)
-      >>> jnp.linalg.norm(optax.apply_updates(w, updates), axis=0).round(5)
-      Array([1., 1., 1., 1.], dtype=float32)
-
-    References:
-      Cho and Lee, `Riemannian approach to batch normalization
-      <https://arxiv.org/abs/1709.09603>`_, 2017
-    """
-    owner = "scale_by_sgdg"
-    check_learning_rate(owner, learning_rate)
-    check_momentum(owner, momentum)
-    check_number(owner, "grad_clip", grad_clip, allow_none=True)
-    check_unit_eps(owner, unit_eps)
-    check_dtype(owner, "mu_dtype", mu_dtype)
-
-    def init_fn(params):
-        check_params(owner, params, units=True)
-        return ScaleBySgdgState(
-            count=jnp.zeros([], jnp.int32), trace=zeros_like_state(params, mu_dtype)
-        )
-
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
-        lr = schedule_value(learning_rate, state.count)
-
-        units = functools.partial(
-            _sgdg_units,
-            lr=lr,
-            momentum=momentum,
-            unit_eps=unit_eps,
-            max_norm=grad_clip,
-        )
-
-        def leaf(g, s, w):
-            delta, new, _ = yield from _step_program(
-                g, s, w, unit_eps=unit_eps, then=units, inputs=()
-            )
-            return delta, new
-
-        results = leaf_map(owner, leaf, updates, state.trace, params=params)
-        deltas, trace = unzip(updates, results, 2)
-        return deltas, ScaleBySgdgState(
-            count=optax.safe_increment(state.count),
-            trace=optax.tree.cast_like(trace, state.trace),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def scale_by_adamg(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    grad_clip: float | None = 0.1,
-    *,
-    unit_eps: float = 1e-8,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    r"""The Adam-G step (projection, clipping, moments, exp map) in one pass.
-
-    Equal to ``optax.chain(grassmann_project(unit_eps), clip_tangent_norm(grad_clip),
-    spherical_adam(b1, b2, eps, learning_rate=learning_rate, unit_eps=unit_eps),
-    exp_map_update(unit_eps))`` up to rounding, with one reduction pass and two
-    elementwise passes per leaf (``n`` is the unit size; ``v`` is stored per
-    element):
-
-    .. math::
-
-      \begin{align*}
-        m &\leftarrow \beta_1 \Gamma(m) + (1-\beta_1)\hat h, \qquad
-        v_j \leftarrow \beta_2 v_j + (1-\beta_2)\|\hat h_j\|^2 / n \\
-        \delta_j &= -\eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
-          \frac{m_j}{\sqrt{n v_j+\epsilon}}, \qquad
-        \text{update} = \mathrm{Exp}_y(\delta) - w
-      \end{align*}
-
-    Args:
-      learning_rate: :math:`\eta`, a float or an optax schedule.
-      b1: First-moment decay, in ``[0, 1)``.
-      b2: Per-unit second-moment decay, in ``[0, 1)``.
-      eps: Inside the square root of the uncorrected second moment.
-      grad_clip: :math:`\nu`; ``None`` disables clipping. Static.
-      unit_eps: :math:`\epsilon_u`.
-      mu_dtype: Dtype of ``m``; defaults to the params dtype promoted to at least
-        float32. Static.
-
-    Returns:
-      A :class:`optax.GradientTransformation` with :class:`ScaleByAdamgState`;
-      last in a chain; needs ``params``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, riemax
-      >>> w = riemax.unit_init()(jax.random.key(0), (16, 4))
-      >>> tx = riemax.scale_by_adamg(0.05)
-      >>> updates, state = tx.update(jnp.ones_like(w), tx.init(w), w)
-      >>> state.nu.shape
-      (1, 4)
-      >>> jnp.linalg.norm(optax.apply_updates(w, updates), axis=0).round(5)
-      Array([1., 1., 1., 1.], dtype=float32)
-
-    References:
-      Cho and Lee, `Riemannian approach to batch normalization
-      <https://arxiv.org/abs/1709.09603>`_, 2017
-    """
-    owner = "scale_by_adamg"
-    check_learning_rate(owner, learning_rate)
-    check_number(owner, "grad_clip", grad_clip, allow_none=True)
-    init_fn = adam_init(owner, ScaleByAdamgState, b1, b2, eps, unit_eps, mu_dtype)
-
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
-        lr = schedule_value(learning_rate, state.count)
-        count = optax.safe_increment(state.count)
-
-        units = functools.partial(
-            _adamg_units,
-            lr=lr,
-            count=count,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            unit_eps=unit_eps,
-            max_norm=grad_clip,
-        )
-
-        def leaf(g, s, v, w):
-            size = jnp.asarray(w.size // w.shape[-1], v.dtype)
-            return (
-                yield from _step_program(
-                    g, s, w, unit_eps=unit_eps, then=units, inputs=(v, size)
-                )
-            )
-
-        results = leaf_map(owner, leaf, updates, state.mu, state.nu, params=params)
-        deltas, mu, nu = unzip(updates, results, 3)
-        return deltas, ScaleByAdamgState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)

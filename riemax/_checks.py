@@ -1,38 +1,26 @@
-"""The plumbing every riemax transform stands on.
+"""Checks of arguments and parameter trees, with errors that name what is wrong.
 
 * **Argument checks** at construction (:func:`check_number`, :func:`check_dtype`):
   a concrete hyper-parameter outside its range, NaN, infinite, or not a number is
   a ``ValueError``/``TypeError`` that names the optimizer and the argument.
-* **Leaf checks** at ``init``/``update`` (:func:`check_params`, :func:`leaf_map`):
-  non-floating params, kernels with fewer than two axes where units are needed,
-  zero-size axes, channel axes outside a leaf's rank, and updates or state whose
-  tree or shapes differ from the params are errors that name the parameter path.
-* **Leaf mapping** with those checks, the per-unit **state helpers**, and the
-  **stateless per-unit transform** skeleton (:func:`stateless`).
+* **Leaf checks** at ``init``/``update`` (:func:`check_params`,
+  :func:`check_leaf`): non-floating params, kernels with fewer than two axes where
+  units are needed, zero-size axes, channel axes outside a leaf's rank, and updates
+  or state whose tree differs from the params are errors that name the parameter
+  path.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from riemax._numerics import (
-    Program,
-    acc_dtype,
-    drive,
-    kept_shape,
-    normalize,
-    normalize_program,
-    to_acc,
-    unit_axes,
-)
 from riemax._tree import path_str
 
 # ----------------------------------------------------------------- argument checks
@@ -173,6 +161,14 @@ def check_channel_axes(owner: str, channel_axes: Any) -> None:
         )
 
 
+def check_unit_eps(owner: str, unit_eps: Any) -> None:
+    check_number(owner, "unit_eps", unit_eps)
+
+
+def check_momentum(owner: str, momentum: Any) -> None:
+    check_number(owner, "momentum", momentum, low=0.0, high=1.0)
+
+
 NO_PARAMS_MSG = (
     "needs the current parameters: call `tx.update(updates, state, params)`."
 )
@@ -186,7 +182,7 @@ def need_params(owner: str, params: Any) -> None:
 # --------------------------------------------------------------------- leaf checks
 
 
-def _where(path: tuple) -> str:
+def where_of(path: tuple) -> str:
     return path_str(path) or "<root>"
 
 
@@ -201,7 +197,7 @@ def check_leaf(
 ) -> None:
     """Checks one parameter leaf: floating dtype, rank (``units``: at least two
     axes), no zero-size axis, and ``channel_axes`` (if not None) within its rank."""
-    where = _where(path)
+    where = where_of(path)
     shape = tuple(getattr(leaf, "shape", ()))
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -245,7 +241,7 @@ def check_params(owner: str, params: Any, **kwargs: Any) -> None:
 
 
 def _paths(tree: Any) -> list[str]:
-    return [_where(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [where_of(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def check_like_params(owner: str, what: str, tree: Any, params: Any) -> None:
@@ -271,168 +267,8 @@ def check_like_params(owner: str, what: str, tree: Any, params: Any) -> None:
     )
 
 
-def leaf_map(
-    owner: str,
-    fn: Callable[..., Any],
-    updates: Any,
-    *others: Any,
-    params: Any = None,
-    units: bool = True,
-    channel_axes: Sequence[int] | None = None,
-) -> Any:
-    """``tree_map`` of ``fn(update, *others, param)`` (or ``fn(update, *others)``
-    without params) over the leaves, with the checks of :func:`check_leaf` and
-    shape checks of every update against its parameter, naming the path."""
-    if params is not None:
-        check_like_params(owner, "updates", updates, params)
-        for other in others:
-            check_like_params(owner, "state", other, params)
-
-    def leaf(path, u, *rest):
-        ref = u if params is None else rest[-1]
-        check_leaf(owner, path, ref, units=units, channel_axes=channel_axes)
-        if params is not None:
-            if getattr(u, "shape", None) != ref.shape:
-                raise ValueError(
-                    f"riemax.{owner}: the update of '{_where(path)}' has shape "
-                    f"{tuple(getattr(u, 'shape', ()))}, but the parameter has shape "
-                    f"{tuple(ref.shape)}."
-                )
-            if not jnp.issubdtype(u.dtype, jnp.floating):
-                raise TypeError(
-                    f"riemax.{owner}: the update of '{_where(path)}' has dtype "
-                    f"{u.dtype}; gradients must be floating point."
-                )
-        return fn(u, *rest)
-
-    trees = (updates, *others) if params is None else (updates, *others, params)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    treedef = cast(Any, treedef)  # flatten_up_to has no type stub
-    columns = [[u for _, u in flat]] + [treedef.flatten_up_to(t) for t in trees[1:]]
-    outs = [
-        leaf(path, *row)
-        for (path, _), row in zip(flat, zip(*columns, strict=True), strict=True)
-    ]
-    # Leaf programs (generators) run in lockstep: one decision per round for the
-    # whole tree (riemax._numerics.drive).
-    return jax.tree_util.tree_unflatten(treedef, drive(outs))
-
-
-def validated(
-    owner: str,
-    inner: optax.GradientTransformation,
-    *,
-    units: bool,
-    channel_axes: Sequence[int] | None = None,
-) -> optax.GradientTransformation:
-    """``inner`` with the leaf checks of :func:`leaf_map` run first (same state).
-
-    Aliases that start with an optax transform (weight decay) use it, so that a
-    bad leaf is reported by name before optax meets it.
-    """
-
-    def init_fn(params):
-        check_params(owner, params, units=units, channel_axes=channel_axes)
-        return inner.init(params)
-
-    def update_fn(updates, state, params=None):
-        need_params(owner, params)
-        leaf_map(
-            owner,
-            lambda u, p: None,
-            updates,
-            params=params,
-            units=units,
-            channel_axes=channel_axes,
-        )
-        return inner.update(updates, state, params)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def unzip(template: Any, results: Any, n: int) -> tuple[Any, ...]:
-    """Splits a tree of n-tuples (structured like ``template``) into n trees."""
-    return tuple(
-        jax.tree.map(lambda _, r, i=i: r[i], template, results) for i in range(n)
-    )
-
-
-def _as_program(result: Any) -> Program:
-    """``result`` itself, from a leaf program or a plain value alike."""
-    if isinstance(result, Generator):
-        return (yield from result)
-    return result
-
-
-def stateless(
-    owner: str,
-    leaf_fn: Callable[..., Any],
-    *,
-    needs_params: bool = True,
-) -> optax.GradientTransformation:
-    """A stateless per-unit transform: ``leaf_fn(update, param)`` (or
-    ``leaf_fn(update)``) on every kernel, in the accumulation dtype, cast back.
-
-    The unit-aware counterpart of optax's ``stateless_with_tree_map``: ``init``
-    checks that every leaf is a floating kernel, ``update`` checks the updates
-    against the params and names the path of any mismatch.
-    """
-
-    def init_fn(params):
-        check_params(owner, params, units=True)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        if needs_params:
-            need_params(owner, params)
-
-            def fn(u, w):
-                return (yield from _as_program(leaf_fn(to_acc(u), w))).astype(u.dtype)
-
-            return leaf_map(owner, fn, updates, params=params), state
-
-        def fn_u(u):
-            return (yield from _as_program(leaf_fn(to_acc(u)))).astype(u.dtype)
-
-        return leaf_map(owner, fn_u, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-# ------------------------------------------------------------------- state helpers
-
-
-def state_dtype(p: Any, mu_dtype: Any) -> jnp.dtype:
-    return jnp.dtype(mu_dtype) if mu_dtype is not None else acc_dtype(p.dtype)
-
-
-def zeros_like_state(params: Any, mu_dtype: Any) -> Any:
-    """A zero buffer per leaf, in ``mu_dtype`` or the accumulation dtype."""
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype(p, mu_dtype)), params)
-
-
-def zeros_per_group(params: Any, axes_of: Callable[[Any], Sequence[int]]) -> Any:
-    """One float32-or-wider zero per group, shaped like a per-group quantity."""
-    return jax.tree.map(
-        lambda p: jnp.zeros(kept_shape(p.shape, axes_of(p)), acc_dtype(p.dtype)),
-        params,
-    )
-
-
-def zeros_per_unit(params: Any) -> Any:
-    """One float32-or-wider zero per unit, shaped ``(1, ..., 1, out)``."""
-    return zeros_per_group(params, lambda p: unit_axes(p.ndim))
-
-
-def unit_of(w: jax.Array, unit_eps: Any) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(unit(w), ||w||)`` per unit, in the accumulation dtype."""
-    return normalize(to_acc(w), unit_axes(w.ndim), unit_eps)
-
-
-def unit_of_program(w: jax.Array, unit_eps: Any) -> Program:
-    """:func:`unit_of` as a program for :func:`riemax._numerics.drive`."""
-    return (yield from normalize_program(to_acc(w), unit_axes(w.ndim), unit_eps))
-
-
-def schedule_value(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> Any:
-    return learning_rate(count) if callable(learning_rate) else learning_rate
+def check_adam(owner: str, b1: Any, b2: Any, eps: Any) -> None:
+    """Adam's decays (in ``[0, 1)``) and its epsilon (non-negative)."""
+    check_rate(owner, "b1", b1)
+    check_rate(owner, "b2", b2)
+    check_number(owner, "eps", eps)

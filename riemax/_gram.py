@@ -1,0 +1,466 @@
+"""Per-unit Gram sums and leaf programs: one robust-path decision per step.
+
+:func:`gram` returns the inner products of arrays *scaled* by a power of two per
+group (exact), so that no sum of squares overflows or underflows.
+
+Inside an optimizer step the choice between plain sums (the common case) and
+rescaled ones is made once for the whole parameter tree. Each leaf's update is a
+*program*, a generator that yields its requests (:class:`UnitRequest`,
+:class:`Fallback`, :class:`Batched`) and receives their results; :func:`drive`
+runs the programs of every leaf in lockstep and resolves the requests of each
+round together: one conditional per round, and per-unit math run once on the
+units of every leaf. Called on their own (:func:`gram`, :func:`norm`,
+:func:`normalize`), the same programs run for a single array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from riemax._numerics import (
+    exponent,
+    kept_shape,
+    per_unit,
+    pow2,
+    safe_div,
+    safe_sqrt,
+    unit_axes,
+    unscaled,
+)
+from riemax._sums import as_matrix, column_max_abs, one_pass, product
+
+#: A leaf program for :func:`drive`: a generator that yields requests, receives
+#: their results and returns the leaf's result.
+Program = Generator[Any, Any, Any]
+
+
+# -------------------------------------------------------------------------- the Gram
+
+
+class Gram(NamedTuple):
+    """Per-group inner products of arrays scaled by powers of two.
+
+    ``values[i]`` is :math:`\\langle x_p 2^{-E_p}, x_q 2^{-E_q}\\rangle` for the
+    ``i``-th pair ``(p, q)``, and ``exps[p]`` is ``E_p``, a power of two per group
+    that brings the scaled array to norm about 1 (or its largest element below 1):
+    all values are at most the group size, whatever the magnitudes of the arrays;
+    true inner products are ``unscaled(values[i], exps[p] + exps[q])``.
+    A pair ``(p, None)`` is the plain sum :math:`\\sum x_p 2^{-E_p}` (true value
+    ``unscaled(values[i], exps[p])``).
+    """
+
+    values: tuple[jax.Array, ...]
+    exps: tuple[jax.Array, ...]
+
+    def factor(self, p: int) -> jax.Array:
+        """``2**-E_p``: multiply array ``p`` by it to get its scaled version."""
+        return pow2(-self.exps[p], self.values[0].dtype)
+
+
+class UnitRequest(NamedTuple):
+    """A leaf's per-unit statistics and what to compute from them.
+
+    A leaf program (:func:`drive`) yields one and receives its result. The
+    statistics are per-group inner products of the leaf's arrays (a :class:`Gram`);
+    ``then(gram, inputs)`` turns them into the per-unit quantities the leaf needs
+    (``inputs``: per-unit arrays of the leaf, such as a second moment), or, without
+    ``then``, the leaf receives the Gram itself. ``then`` acts elementwise on
+    units, so :func:`resolve` runs it once on the units of every leaf of a step,
+    concatenated.
+
+    The statistics come in two forms, with one decision for the whole step:
+
+    * fast: ``sums`` are plain sums from one pass over memory; the scaled Gram
+      follows from them exactly where every sum is finite and every squared norm
+      is zero (arrays not in ``verify``) or at least ``floor``. Where that test
+      fails the sums are replaced by harmless values, so that the discarded value
+      and its gradient stay finite;
+    * exact, when the test fails anywhere in the step: ``exact()`` returns the Gram
+      summed on arrays rescaled by powers of two.
+    """
+
+    sums: tuple[jax.Array, ...]
+    floor: float
+    verify: tuple[int, ...]
+    exact: Callable[[], Gram]
+    pairs: tuple[tuple[int, int | None], ...]
+    diagonal: tuple[int, ...]
+    keep: tuple[int, ...]
+    then: Callable[..., Any] | None = None
+    inputs: Any = None
+
+
+def _from_plain(sums, pairs, diagonal) -> Gram:
+    """The scaled Gram from plain sums (exact where the sums are)."""
+    exps = [exponent(safe_sqrt(jax.lax.stop_gradient(sums[d]))) for d in diagonal]
+    dtype = sums[0].dtype
+    factors = [pow2(-e, dtype) for e in exps]
+    values = tuple(
+        sums[i] * factors[p] * (1 if q is None else factors[q])
+        for i, (p, q) in enumerate(pairs)
+    )
+    return Gram(values, tuple(exps))
+
+
+def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
+    """Per-unit trees of several leaves as one tree of flat arrays, materialised
+    (:func:`_once`): the per-unit math reads them instead of fusing a
+    concatenation of every leaf into each of its loops."""
+
+    def cat(*xs):
+        flat = [
+            jnp.broadcast_to(x, k).reshape(-1) for x, k in zip(xs, keeps, strict=True)
+        ]
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+
+    return _once(jax.tree.map(cat, *trees))
+
+
+def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
+    sizes = [math.prod(k) for k in keeps]
+    total = sum(sizes)
+    bounds = np.cumsum([0, *sizes])
+
+    def part(x, i):
+        x = jnp.broadcast_to(x, (total,))
+        if len(keeps) == 1:
+            return x.reshape(keeps[0])
+        return x[bounds[i] : bounds[i + 1]].reshape(keeps[i])
+
+    return [jax.tree.map(lambda x, i=i: part(x, i), tree) for i in range(len(keeps))]
+
+
+def _group_key(r: UnitRequest) -> tuple:
+    return (r.then, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
+
+
+def _all_pairs(r: UnitRequest) -> tuple[tuple[int, int | None], ...]:
+    """The pairs summed by the plain pass: the requested ones, then the squared
+    norm of every array that no requested pair gives."""
+    listed = {p for p, q in r.pairs if p == q}
+    return r.pairs + tuple((p, p) for p in range(len(r.diagonal)) if p not in listed)
+
+
+def _pack(arrays: Sequence[jax.Array]) -> jax.Array:
+    return jnp.stack(arrays) if len(arrays) > 1 else arrays[0][None]
+
+
+def _once(tree: Any) -> Any:
+    """``tree`` (flat per-unit arrays) evaluated once, before the leaves read
+    slices of it: :func:`per_unit` on the arrays of each dtype."""
+    leaves, treedef = jax.tree.flatten(tree)
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        by_dtype.setdefault(x.dtype, []).append(i)
+    out = list(leaves)
+    for index in by_dtype.values():
+        for i, x in zip(index, per_unit(*(leaves[i] for i in index)), strict=True):
+            out[i] = x
+    return jax.tree.unflatten(treedef, out)
+
+
+def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
+    """The results of many :class:`UnitRequest`: one decision for all, and one
+    ``then`` per kind of request on the units of all leaves together."""
+    requests = list(requests)
+    if not requests:
+        return []
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(_group_key(r), []).append(i)
+    members_of = list(groups.values())
+    keeps_of = [[requests[i].keep for i in members] for members in members_of]
+    checks = []
+    fast = []
+    for members, keeps in zip(members_of, keeps_of, strict=True):
+        first = requests[members[0]]
+        sums = _concat([requests[i].sums for i in members], keeps)
+        floor = _concat(
+            [jnp.asarray(requests[i].floor, sums[0].dtype) for i in members], keeps
+        )
+        ok = jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]), axis=0)
+        for p, d in enumerate(first.diagonal):
+            sq = jax.lax.stop_gradient(sums[d])
+            zero_ok = (sq == 0) & (p not in first.verify)
+            ok = ok & ((sq >= floor) | zero_ok)
+        # Harmless sums where the test fails: orthonormal arrays of norm 1.
+        sums = tuple(
+            jnp.where(ok, s, 1.0 if p == q else 0.0)
+            for s, (p, q) in zip(sums, _all_pairs(first), strict=True)
+        )
+        checks.append(jnp.all(ok))
+        fast.append(_from_plain(sums, first.pairs, first.diagonal))
+
+    def packed(grams):
+        # Two arrays per group (values and exponents) cross the branch: the
+        # compile time of a conditional grows with its number of outputs.
+        return [(_pack(g.values), _pack(g.exps)) for g in grams]
+
+    def exact():
+        return packed(
+            _concat([requests[i].exact() for i in members], keeps)
+            for members, keeps in zip(members_of, keeps_of, strict=True)
+        )
+
+    stats = jax.lax.cond(jnp.all(jnp.stack(checks)), lambda: packed(fast), exact)
+    results: list[Any] = [None] * len(requests)
+    for members, keeps, (values, exps) in zip(members_of, keeps_of, stats, strict=True):
+        first = requests[members[0]]
+        out = Gram(tuple(values), tuple(exps))
+        if first.then is not None:
+            out = first.then(out, _concat([requests[i].inputs for i in members], keeps))
+        for i, value in zip(members, _split(_once(out), keeps), strict=True):
+            results[i] = value
+    return results
+
+
+class Fallback(NamedTuple):
+    """A per-unit value with a careful form where its fast form is not exact.
+
+    ``value`` is the fast form, ``mask`` marks the units where it is not exact,
+    and ``compute()`` gives the careful form (e.g. sums taken directly where a
+    Gram identity cancels). One conditional for every leaf of a round: the
+    careful forms are computed only when some mask is set anywhere.
+    """
+
+    value: Any
+    mask: jax.Array
+    compute: Callable[[], Any]
+
+
+def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
+    if not requests:
+        return []
+    needed = jnp.any(jnp.stack([jnp.any(r.mask) for r in requests]))
+
+    def careful():
+        return [
+            jax.tree.map(
+                lambda c, v, r=r: jnp.where(r.mask, c, v), r.compute(), r.value
+            )
+            for r in requests
+        ]
+
+    return jax.lax.cond(needed, careful, lambda: [r.value for r in requests])
+
+
+class Batched(NamedTuple):
+    """A per-unit function of a leaf's per-unit arrays, run once for the units of
+    every leaf that asks for the same ``fn`` in a round (no decision involved).
+
+    ``inputs`` is a tree of arrays broadcastable to ``keep`` (the leaf's per-unit
+    shape); ``fn(inputs)`` acts elementwise on units and returns a tree of them.
+    """
+
+    fn: Callable[[Any], Any]
+    inputs: Any
+    keep: tuple[int, ...]
+
+
+def _resolve_batched(requests: Sequence[Batched]) -> list[Any]:
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.fn, []).append(i)
+    results: list[Any] = [None] * len(requests)
+    for fn, members in groups.items():
+        keeps = [requests[i].keep for i in members]
+        out = _once(fn(_concat([requests[i].inputs for i in members], keeps)))
+        for i, value in zip(members, _split(out, keeps), strict=True):
+            results[i] = value
+    return results
+
+
+def _resolve_any(requests: Sequence[Any]) -> list[Any]:
+    """One round: :func:`resolve` for the :class:`UnitRequest`, one conditional for
+    the :class:`Fallback` and :func:`_resolve_batched` for the :class:`Batched`
+    requests."""
+    kinds = [type(r) for r in requests]
+    done = {
+        UnitRequest: resolve([r for r in requests if type(r) is UnitRequest]),
+        Fallback: _resolve_fallbacks([r for r in requests if type(r) is Fallback]),
+        Batched: _resolve_batched([r for r in requests if type(r) is Batched]),
+    }
+    iters = {k: iter(v) for k, v in done.items()}
+    return [next(iters[k]) for k in kinds]
+
+
+def drive(programs: Sequence[Any]) -> list[Any]:
+    """Runs per-leaf programs in lockstep, resolving their requests together.
+
+    A program is a generator that yields requests (:class:`UnitRequest`,
+    :class:`Fallback`, :class:`Batched`) and receives their results
+    (``value = yield request``), or any other object (a finished result). All
+    programs advance one request at a time and the requests of one round are
+    resolved together, so the lowered step holds at most one conditional per kind
+    of request and round, and one copy of each per-unit function, whatever the
+    number of leaves.
+    """
+    results = list(programs)
+    sends: list[Any] = [None] * len(results)
+    active = [i for i, p in enumerate(results) if isinstance(p, Generator)]
+    while active:
+        waiting, requests = [], []
+        for i in active:
+            try:
+                request = results[i].send(sends[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                continue
+            waiting.append(i)
+            requests.append(request)
+        if requests:
+            for i, value in zip(waiting, _resolve_any(requests), strict=True):
+                sends[i] = value
+        active = waiting
+    return results
+
+
+def run(program: Any) -> Any:
+    """The result of one program (:func:`drive` of a single leaf)."""
+    return drive([program])[0]
+
+
+def gram_request(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
+    then: Callable[..., Any] | None = None,
+    inputs: Any = None,
+) -> UnitRequest:
+    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`)."""
+    axes = tuple(axes)
+    if not axes:
+        raise ValueError("gram_request needs at least one reduced axis.")
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    keep = kept_shape(shape, axes)
+    count = len(arrays)
+    pairs = tuple(pairs)
+    diagonal_of = {p: i for i, (p, q) in enumerate(pairs) if p == q}
+    missing = [p for p in range(count) if p not in diagonal_of]
+    all_pairs = pairs + tuple((p, p) for p in missing)
+    diagonal_of.update({p: len(pairs) + k for k, p in enumerate(missing)})
+    diagonal = tuple(diagonal_of[p] for p in range(count))
+    mats = [as_matrix(a, axes) for a in arrays]
+    sums = tuple(s.reshape(keep) for s in one_pass(mats, all_pairs))
+    info = jnp.finfo(dtype)
+    floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
+    verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
+
+    def exact():
+        maxes = column_max_abs([jax.lax.stop_gradient(m) for m in mats])
+        exps = [exponent(m) for m in maxes]
+        scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
+        values = one_pass(scaled_mats, pairs, fused=True)
+        return Gram(
+            tuple(v.reshape(keep) for v in values),
+            tuple(e.reshape(keep) for e in exps),
+        )
+
+    return UnitRequest(sums, floor, verify, exact, pairs, diagonal, keep, then, inputs)
+
+
+def gram_program(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Program:
+    """:func:`gram` as a program for :func:`drive`."""
+    axes = tuple(axes)
+    if not axes:  # one element per group: products cannot be rescaled usefully
+        values = tuple(product(arrays, p, q) for p, q in pairs)
+        exps = tuple(jnp.zeros(arrays[0].shape, jnp.int32) for _ in arrays)
+        return Gram(values, exps)
+    return (yield gram_request(arrays, pairs, axes, verify_zero=verify_zero))
+
+
+def gram(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    axes: Sequence[int],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Gram:
+    """Scaled per-group inner products ``<arrays[p], arrays[q]>`` over ``axes``
+    (and plain sums of ``arrays[p]`` for pairs ``(p, None)``).
+
+    All arrays share one shape and one floating dtype; ``axes`` are the reduced
+    axes (sorted; ``unit_axes(ndim)`` for one group per output unit). Results have
+    the shape of a per-group quantity (:func:`kept_shape`).
+
+    One pass over memory computes the plain inner products (and every array's
+    squared norm). Where each squared norm is finite and far above the smallest
+    normal number, the plain sums are accurate, and the scaled values, with
+    ``E_p`` the exponent of ``||x_p||``, follow from them exactly (a multiplication
+    by powers of two). Otherwise every array is scaled by the exponent of its
+    largest magnitude and summed again. Inside an optimizer step that choice is
+    made once for the whole parameter tree (:func:`gram_request`,
+    :func:`drive`); called alone, it is one :func:`jax.lax.cond`.
+
+    A group whose squared norm is exactly zero counts as zero, except for the
+    arrays in ``verify_zero`` (default: all), for which the exact branch tells a
+    true zero from a group whose every square underflows (magnitudes below about
+    ``1e-19`` in float32). Other arrays' groups of such magnitudes count as zero:
+    their contribution is below float32 resolution next to any other term.
+    """
+    return run(gram_program(arrays, pairs, axes, verify_zero=verify_zero))
+
+
+def unit_gram(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Gram:
+    """:func:`gram` with one group per output unit (all axes but the last)."""
+    return gram(arrays, pairs, unit_axes(arrays[0].ndim), verify_zero=verify_zero)
+
+
+def unit_gram_program(
+    arrays: Sequence[jax.Array],
+    pairs: Sequence[tuple[int, int | None]],
+    *,
+    verify_zero: Sequence[int] | None = None,
+) -> Program:
+    """:func:`gram_program` with one group per output unit."""
+    axes = unit_axes(arrays[0].ndim)
+    return (yield from gram_program(arrays, pairs, axes, verify_zero=verify_zero))
+
+
+def norm_program(x: jax.Array, axes: Sequence[int]) -> Program:
+    """:func:`norm` as a program for :func:`drive`."""
+    g = yield from gram_program([x], [(0, 0)], axes)
+    return unscaled(safe_sqrt(g.values[0]), g.exps[0])
+
+
+def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """Per-group Euclidean norm over ``axes`` (dims kept): zero-safe, and finite
+    wherever the true norm is representable."""
+    return run(norm_program(x, axes))
+
+
+def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Program:
+    """:func:`normalize` as a program for :func:`drive`."""
+    g = yield from gram_program([x], [(0, 0)], axes)
+    n = safe_sqrt(g.values[0])
+    unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
+    return unit, unscaled(n, g.exps[0])
+
+
+def normalize(
+    x: jax.Array, axes: Sequence[int], eps: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(x / (||x|| + eps), ||x||)`` per group; a zero group maps to 0.
+
+    Computed on the scaled array, so it is exact for any magnitude of ``x``.
+    """
+    return run(normalize_program(x, axes, eps))
