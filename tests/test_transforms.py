@@ -473,9 +473,9 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
     """The per-unit Gram quantities equal float64 NumPy sums, also when the rows
     are walked in blocks with a remainder (small blocks force that here), and in
     float32 at magnitudes whose squares overflow or underflow."""
-    from riemax import _numerics
+    from riemax import _gram, _sums
 
-    monkeypatch.setattr(_numerics, "CPU_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(_sums, "CPU_BLOCK_ELEMENTS", block)
     arrays = [rand(i, shape) * s for i, s in enumerate(scales)]
     pairs = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
     axes = tuple(range(len(shape) - 1))
@@ -488,7 +488,7 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
             for v, (p, q) in zip(gram.values, pairs, strict=True)
         ]
 
-    got = jax.jit(lambda *a: _numerics.unit_gram(a, pairs))(
+    got = jax.jit(lambda *a: _gram.unit_gram(a, pairs))(
         *[jnp.asarray(a, jnp.float32) for a in arrays]
     )
     for value, (p, q) in zip(true_values(got), pairs, strict=True):
@@ -501,7 +501,7 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
     n = int(np.prod(shape[:-1]))
     assert all(float(jnp.max(jnp.abs(v))) <= n for v in got.values)
     with x64():
-        got = jax.jit(lambda *a: _numerics.unit_gram(a, pairs))(*arrays)
+        got = jax.jit(lambda *a: _gram.unit_gram(a, pairs))(*arrays)
         for value, (p, q) in zip(true_values(got), pairs, strict=True):
             want = np.sum(arrays[p] * arrays[q], axis=axes, keepdims=True)
             np.testing.assert_allclose(value, want, rtol=1e-13)
