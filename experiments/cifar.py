@@ -499,5 +499,18 @@ def _run(args, cfg: dict, preset: str | None):
     return _train(cfg, args)
 
 
+def _run_as_command() -> None:
+    """``main()`` as a command-line tool: a reader that closes the pipe early
+    (``--list_presets | head -3``) ends the program quietly, with status 0."""
+    try:
+        main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Further writes to the closed pipe (at interpreter exit) go nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
 if __name__ == "__main__":
-    main()
+    _run_as_command()
