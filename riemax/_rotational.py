@@ -52,6 +52,7 @@ from riemax._numerics import (
     unscaled,
 )
 from riemax._numerics import inner as inner_product
+from riemax._tree import path_str
 
 #: The inner optimizers whose equilibrium rate :func:`equilibrium_rate` knows.
 INNERS = ("adamw", "sgdm", "lion")
@@ -70,6 +71,20 @@ class RotationalState(NamedTuple):
     inner_state: optax.OptState
     nu: optax.Params
     radius: optax.Params
+
+
+def _check_centrable(path, w) -> None:
+    """With ``zero_mean``, a unit needs at least 3 elements: a centred unit of 2
+    is one of the two points ``+-(r, -r)/sqrt(2)`` (no direction to turn in, and
+    rounding drifts it off the centred line), a centred unit of 1 is 0."""
+    size = math.prod(w.shape[:-1])
+    if size < 3:
+        raise ValueError(
+            f"riemax.rotational: parameter '{path_str(path) or '<root>'}' of shape "
+            f"{tuple(w.shape)} has units of {size} element(s); zero_mean=True needs "
+            "at least 3 (a centred unit of 2 elements cannot turn). Pass "
+            "zero_mean=False, or route this leaf to another optimizer."
+        )
 
 
 def _radius(w: jax.Array, zero_mean: bool) -> Program:
@@ -226,6 +241,8 @@ def rotational(
     checks.check_number(owner, "eps", eps)
 
     def init(params):
+        if zero_mean:
+            jax.tree_util.tree_map_with_path(_check_centrable, params)
         acc = jax.tree.map(to_acc, params)
         return RotationalState(
             count=jnp.zeros([], jnp.int32),
@@ -236,6 +253,8 @@ def rotational(
 
     def prepare(state, count, updates, params):
         leaf_map(owner, lambda g, w: None, updates, params=params)
+        if zero_mean:
+            jax.tree_util.tree_map_with_path(_check_centrable, params)
         acc = jax.tree.map(to_acc, params)
         direction, inner_state = inner.update(
             jax.tree.map(to_acc, updates), state.inner_state, acc

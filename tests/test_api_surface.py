@@ -136,3 +136,18 @@ def test_deprecated_names_warn_once_and_still_work(monkeypatch, old, new):
     assert old not in riemax.__all__
     with pytest.raises(AttributeError, match="no attribute 'sgdg_updates'"):
         riemax.sgdg_updates  # noqa: B018
+
+
+def test_rotational_zero_mean_refuses_units_that_cannot_turn():
+    """zero_mean=True on units of 2 elements (one centred line, two points): a
+    clear error naming the leaf, at init and at update; zero_mean=False works."""
+    params = {"dense": {"kernel": jnp.ones((2, 5))}}
+    tx = riemax.rotational(optax.adamw(1e-3), 0.01)
+    with pytest.raises(ValueError, match=r"'dense/kernel'.*units of 2 element"):
+        tx.init(params)
+    ok = {"dense": {"kernel": jnp.ones((3, 5))}}
+    with pytest.raises(ValueError, match=r"'dense/kernel'.*zero_mean=False"):
+        tx.update(params, tx.init(ok), params)
+    loose = riemax.rotational(optax.adamw(1e-3), 0.01, zero_mean=False)
+    updates, _ = loose.update(params, loose.init(params), params)
+    assert np.isfinite(np.asarray(updates["dense"]["kernel"])).all()
