@@ -124,6 +124,21 @@ def _nnx_wrappers(recorder: _Recorder, paths: dict[int, str]) -> dict[type, Any]
     return wrappers
 
 
+def _traced(forward: Any, *args: Any) -> Any:
+    """``jax.make_jaxpr(forward)(*args)``; a failure of the model's own call is
+    reported with the shape of the input it was given."""
+    try:
+        return jax.make_jaxpr(forward)(*args)
+    except Exception as err:
+        raise ValueError(
+            "riemax.labels_from_model: the call failed while tracing the model "
+            "with an input of shape "
+            f"{jax.tree.map(lambda a: tuple(getattr(a, 'shape', ())), args[1])}: "
+            f"{type(err).__name__}: "
+            f"{err}".strip()
+        ) from err
+
+
 def _trace_nnx(model: Any, sample_input: Any, call_kwargs: dict[str, Any]):
     """Traces ``model(sample_input)`` on a clone; returns jaxpr, recorder, invars."""
     from flax import nnx
@@ -133,14 +148,21 @@ def _trace_nnx(model: Any, sample_input: Any, call_kwargs: dict[str, Any]):
     names = [name for name, _ in _flatten(state)]
     recorder = _Recorder()
     paths: dict[int, str] = {}
+    # NNX objects among the call's arguments (an ``nnx.Rngs`` for dropout) are
+    # traced on clones too: their state enters the trace as inputs.
+    nodes = {k: v for k, v in call_kwargs.items() if nnx.graph.is_graph_node(v)}
+    plain = {k: v for k, v in call_kwargs.items() if k not in nodes}
+    node_def, node_state = nnx.split(nodes) if nodes else (None, None)
+    node_state = nnx.as_pure(node_state) if nodes else None
 
-    def forward(state, x):
+    def forward(state, x, node_state):
         clone = nnx.merge(graphdef, state)
         paths.update(module_paths(clone))
-        return clone(x, **call_kwargs)
+        extra = nnx.merge(node_def, node_state) if nodes else {}
+        return clone(x, **plain, **extra)
 
     with wrapped_calls(_nnx_wrappers(recorder, paths)):
-        closed = jax.make_jaxpr(forward)(state, sample_input)
+        closed = _traced(forward, state, sample_input, node_state)
     invars = dict(zip(names, closed.jaxpr.invars[: len(names)], strict=False))
     return closed.jaxpr, recorder, invars
 
@@ -184,7 +206,7 @@ def _trace_linen(
             out, _ = module.apply(variables, x, mutable=True, **call_kwargs)
         return out
 
-    closed = jax.make_jaxpr(forward)(variables, sample_input)
+    closed = _traced(forward, variables, sample_input)
     invars = {}
     for (name, _), var in zip(_flatten(variables), closed.jaxpr.invars, strict=False):
         if name.startswith("params/"):
