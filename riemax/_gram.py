@@ -108,18 +108,133 @@ def _from_plain(sums, pairs, diagonal) -> Gram:
     return Gram(values, tuple(exps))
 
 
+class _Parts:
+    """One leaf's part of flat per-unit arrays: each slice is taken when it is
+    first read (a leaf reads only what its elementwise loops need)."""
+
+    def __init__(self, arrays, start: int, stop: int, keep: tuple[int, ...]):
+        self.arrays, self.start, self.stop, self.keep = arrays, start, stop, keep
+        self._cache: dict[int, jax.Array] = {}
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return tuple(self[k] for k in range(*j.indices(len(self))))
+        j = j % len(self)
+        if j not in self._cache:
+            x = self.arrays[j]
+            if (self.start, self.stop) != (0, x.shape[0]):
+                x = x[self.start : self.stop]
+            self._cache[j] = x.reshape(self.keep)
+        return self._cache[j]
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+class _GramView(Gram):
+    """A leaf's part of a Gram resolved for many leaves (:func:`resolve`).
+
+    Values, exponents and factors are sliced when read. A later round that
+    hands the views of the same leaves, in the same order, to per-unit math
+    (:func:`_concat`) gets the whole arrays back without a concatenation.
+    """
+
+    whole: Gram
+    factors: _Parts
+    index: int
+    count: int
+
+    def factor(self, p: int) -> jax.Array:
+        return self.factors[p]
+
+
+def _views(whole: Gram, keeps: Sequence[tuple[int, ...]]) -> list[_GramView]:
+    dtype = whole.values[0].dtype
+    factors = per_unit(*(pow2(-e, dtype) for e in whole.exps))
+    bounds = np.cumsum([0, *(math.prod(k) for k in keeps)])
+    views = []
+    for i, keep in enumerate(keeps):
+        start, stop = int(bounds[i]), int(bounds[i + 1])
+        view = _GramView(
+            _Parts(whole.values, start, stop, keep),  # type: ignore[arg-type]
+            _Parts(whole.exps, start, stop, keep),  # type: ignore[arg-type]
+        )
+        view.whole, view.index, view.count = whole, i, len(keeps)
+        view.factors = _Parts(factors, start, stop, keep)
+        views.append(view)
+    return views
+
+
+def _whole(trees: Sequence[Any]) -> Gram | None:
+    """The whole Gram when ``trees`` are all the views of one resolution, in
+    order; else None."""
+    first = trees[0]
+    if not isinstance(first, _GramView) or len(trees) != first.count:
+        return None
+    for i, t in enumerate(trees):
+        if not isinstance(t, _GramView) or t.whole is not first.whole or t.index != i:
+            return None
+    return first.whole
+
+
 def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
     """Per-unit trees of several leaves as one tree of flat arrays, materialised
     (:func:`_once`): the per-unit math reads them instead of fusing a
-    concatenation of every leaf into each of its loops."""
+    concatenation of every leaf into each of its loops. Views of a resolved Gram
+    (:class:`_GramView`) that cover it give back its whole arrays."""
+    fresh: list[jax.Array] = []
 
-    def cat(*xs):
+    def cat(xs):
         flat = [
             jnp.broadcast_to(x, k).reshape(-1) for x, k in zip(xs, keeps, strict=True)
         ]
-        return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+        fresh.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
+        return _Fresh(len(fresh) - 1)
 
-    return _once(jax.tree.map(cat, *trees))
+    def walk(items):
+        first = items[0]
+        if isinstance(first, Gram):
+            whole = _whole(items)
+            if whole is not None:
+                return whole
+            return Gram(
+                tuple(
+                    walk([t.values[j] for t in items]) for j in range(len(first.values))
+                ),
+                tuple(walk([t.exps[j] for t in items]) for j in range(len(first.exps))),
+            )
+        if isinstance(first, (tuple, list)):
+            parts = [walk([t[j] for t in items]) for j in range(len(first))]
+            if hasattr(first, "_fields"):
+                return type(first)(*parts)
+            return type(first)(parts)
+        if first is None:
+            return None
+        return cat(items)
+
+    tree = walk(list(trees))
+    once = _once(fresh)
+
+    def fill(x):
+        if isinstance(x, _Fresh):
+            return once[x.i]
+        if isinstance(x, (tuple, list)):
+            parts = [fill(y) for y in x]
+            if hasattr(x, "_fields"):
+                return type(x)(*parts)
+            return type(x)(parts)
+        return x
+
+    return fill(tree)
+
+
+class _Fresh(NamedTuple):
+    """A placeholder for the ``i``-th array concatenated by :func:`_concat`."""
+
+    i: int
 
 
 def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
@@ -212,10 +327,13 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     results: list[Any] = [None] * len(requests)
     for members, keeps, (values, exps) in zip(members_of, keeps_of, stats, strict=True):
         first = requests[members[0]]
-        out = Gram(tuple(values), tuple(exps))
-        if first.then is not None:
-            out = first.then(out, _concat([requests[i].inputs for i in members], keeps))
-        for i, value in zip(members, _split(_once(out), keeps), strict=True):
+        out = _once(Gram(tuple(values), tuple(exps)))
+        if first.then is None:
+            parts = _views(out, keeps)
+        else:
+            inputs = _concat([requests[i].inputs for i in members], keeps)
+            parts = _split(_once(first.then(out, inputs)), keeps)
+        for i, value in zip(members, parts, strict=True):
             results[i] = value
     return results
 
@@ -412,7 +530,8 @@ def gram(
     ``1e-19`` in float32). Other arrays' groups of such magnitudes count as zero:
     their contribution is below float32 resolution next to any other term.
     """
-    return run(gram_program(arrays, pairs, axes, verify_zero=verify_zero))
+    g = run(gram_program(arrays, pairs, axes, verify_zero=verify_zero))
+    return Gram(tuple(g.values), tuple(g.exps))
 
 
 def unit_gram(
