@@ -81,14 +81,15 @@ class UnitRequest(NamedTuple):
       is zero (arrays not in ``verify``) or at least ``floor``. Where that test
       fails the sums are replaced by harmless values, so that the discarded value
       and its gradient stay finite;
-    * exact, when the test fails anywhere in the step: ``exact()`` returns the Gram
-      summed on arrays rescaled by powers of two.
+    * exact, when the test fails anywhere in the step: the Gram summed on the
+      matrices ``mats`` (reduced elements by groups) rescaled by powers of two,
+      with the exponents of every leaf of the step computed together.
     """
 
     sums: tuple[jax.Array, ...]
     floor: float
     verify: tuple[int, ...]
-    exact: Callable[[], Gram]
+    mats: tuple[jax.Array, ...]
     pairs: tuple[tuple[int, int | None], ...]
     diagonal: tuple[int, ...]
     keep: tuple[int, ...]
@@ -231,6 +232,32 @@ def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
     return fill(tree)
 
 
+def _exact(requests: Sequence[UnitRequest], keeps) -> Gram:
+    """The Gram of many leaves on matrices rescaled per group by the power of two
+    of their largest magnitude: the exponents of every leaf in one batch, one
+    variadic reduction per leaf for the maxima and one for the sums."""
+    dtype = requests[0].mats[0].dtype
+    maxes = _concat(
+        [
+            tuple(
+                m.reshape(r.keep)
+                for m in column_max_abs([jax.lax.stop_gradient(x) for x in r.mats])
+            )
+            for r in requests
+        ],
+        keeps,
+    )
+    exps = tuple(exponent(m) for m in maxes)
+    factors = _split(per_unit(*(pow2(-e, dtype) for e in exps)), keeps)
+    values = []
+    for r, f in zip(requests, factors, strict=True):
+        scaled = [m * x.reshape(1, -1) for m, x in zip(r.mats, f, strict=True)]
+        values.append(
+            tuple(v.reshape(r.keep) for v in one_pass(scaled, r.pairs, fused=True))
+        )
+    return Gram(_concat(values, keeps), exps)
+
+
 class _Fresh(NamedTuple):
     """A placeholder for the ``i``-th array concatenated by :func:`_concat`."""
 
@@ -319,7 +346,7 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
 
     def exact():
         return packed(
-            _concat([requests[i].exact() for i in members], keeps)
+            _exact([requests[i] for i in members], keeps)
             for members, keeps in zip(members_of, keeps_of, strict=True)
         )
 
@@ -472,17 +499,9 @@ def gram_request(
     floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
 
-    def exact():
-        maxes = column_max_abs([jax.lax.stop_gradient(m) for m in mats])
-        exps = [exponent(m) for m in maxes]
-        scaled_mats = [m * pow2(-e, dtype) for m, e in zip(mats, exps, strict=True)]
-        values = one_pass(scaled_mats, pairs, fused=True)
-        return Gram(
-            tuple(v.reshape(keep) for v in values),
-            tuple(e.reshape(keep) for e in exps),
-        )
-
-    return UnitRequest(sums, floor, verify, exact, pairs, diagonal, keep, then, inputs)
+    return UnitRequest(
+        sums, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs
+    )
 
 
 def gram_program(
