@@ -95,6 +95,7 @@ class UnitRequest(NamedTuple):
     keep: tuple[int, ...]
     then: Callable[..., Any] | None = None
     inputs: Any = None
+    derive: Callable[[Gram], tuple[jax.Array, ...]] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -138,13 +139,15 @@ class _Parts:
 class _GramView(Gram):
     """A leaf's part of a Gram resolved for many leaves (:func:`resolve`).
 
-    Values, exponents and factors are sliced when read. A later round that
+    Values, exponents, factors and the per-unit quantities the request derives
+    from the whole Gram (``derived``) are sliced when read. A later round that
     hands the views of the same leaves, in the same order, to per-unit math
     (:func:`_concat`) gets the whole arrays back without a concatenation.
     """
 
     whole: Gram
     factors: _Parts
+    derived: _Parts
     index: int
     count: int
 
@@ -152,9 +155,12 @@ class _GramView(Gram):
         return self.factors[p]
 
 
-def _views(whole: Gram, keeps: Sequence[tuple[int, ...]]) -> list[_GramView]:
+def _views(
+    whole: Gram, keeps: Sequence[tuple[int, ...]], derive=None
+) -> list[_GramView]:
     dtype = whole.values[0].dtype
     factors = per_unit(*(pow2(-e, dtype) for e in whole.exps))
+    derived = per_unit(*derive(whole)) if derive is not None else ()
     bounds = np.cumsum([0, *(math.prod(k) for k in keeps)])
     views = []
     for i, keep in enumerate(keeps):
@@ -165,6 +171,7 @@ def _views(whole: Gram, keeps: Sequence[tuple[int, ...]]) -> list[_GramView]:
         )
         view.whole, view.index, view.count = whole, i, len(keeps)
         view.factors = _Parts(factors, start, stop, keep)
+        view.derived = _Parts(derived, start, stop, keep)
         views.append(view)
     return views
 
@@ -279,7 +286,7 @@ def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
 
 
 def _group_key(r: UnitRequest) -> tuple:
-    return (r.then, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
+    return (r.then, r.derive, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
 
 
 def _all_pairs(r: UnitRequest) -> tuple[tuple[int, int | None], ...]:
@@ -356,7 +363,7 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
         first = requests[members[0]]
         out = _once(Gram(tuple(values), tuple(exps)))
         if first.then is None:
-            parts = _views(out, keeps)
+            parts = _views(out, keeps, first.derive)
         else:
             inputs = _concat([requests[i].inputs for i in members], keeps)
             parts = _split(_once(first.then(out, inputs)), keeps)
@@ -479,6 +486,7 @@ def gram_request(
     verify_zero: Sequence[int] | None = None,
     then: Callable[..., Any] | None = None,
     inputs: Any = None,
+    derive: Callable[[Gram], tuple[jax.Array, ...]] | None = None,
 ) -> UnitRequest:
     """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`)."""
     axes = tuple(axes)
@@ -500,7 +508,7 @@ def gram_request(
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
 
     return UnitRequest(
-        sums, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs
+        sums, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
     )
 
 

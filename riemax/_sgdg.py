@@ -27,7 +27,7 @@ from riemax._leafmap import (
     zeros_like_state,
 )
 from riemax._ortho import ortho_penalty
-from riemax._sgdg_step import adamg_units, sgdg_units, step_program
+from riemax._sgdg_step import adamg_units, radial, sgdg_units, step_program
 
 
 class ScaleBySgdgState(NamedTuple):
@@ -104,6 +104,9 @@ def scale_by_sgdg(
         )
 
     def prepare(state, count, updates, params):
+        # One function object per step for every leaf: their requests resolve
+        # together.
+        derive = functools.partial(radial, unit_eps=unit_eps)
         units = functools.partial(
             sgdg_units,
             lr=schedule_value(learning_rate, state.count),
@@ -114,7 +117,7 @@ def scale_by_sgdg(
 
         def leaf(g, s, w):
             delta, new, _ = yield from step_program(
-                g, s, w, unit_eps=unit_eps, then=units, inputs=()
+                g, s, w, unit_eps=unit_eps, then=units, inputs=(), derive=derive
             )
             return delta, new
 
@@ -194,6 +197,9 @@ def scale_by_adamg(
         return ScaleByAdamgState(**moments_per_unit(params, mu_dtype))
 
     def prepare(state, count, updates, params):
+        # One function object per step for every leaf: their requests resolve
+        # together.
+        derive = functools.partial(radial, unit_eps=unit_eps)
         units = functools.partial(
             adamg_units,
             lr=schedule_value(learning_rate, state.count),
@@ -209,7 +215,13 @@ def scale_by_adamg(
             size = jnp.asarray(w.size // w.shape[-1], v.dtype)
             return (
                 yield from step_program(
-                    g, s, w, unit_eps=unit_eps, then=units, inputs=(v, size)
+                    g,
+                    s,
+                    w,
+                    unit_eps=unit_eps,
+                    then=units,
+                    inputs=(v, size),
+                    derive=derive,
                 )
             )
 

@@ -79,7 +79,7 @@ class _Parts(NamedTuple):
     th: jax.Array
 
 
-def step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
+def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
     """One leaf's step as a program for ``leaf_map``, in three rounds for the whole
     tree: the Gram of ``(w, g, s)`` (plain sums, or rescaled ones where a sum
     overflows or underflows anywhere), ``||h~||^2`` summed directly where the Gram
@@ -91,11 +91,11 @@ def step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
     """
     g, s, w_acc = to_acc(g), to_acc(s), to_acc(w)
     axes = unit_axes(w.ndim)
-    gr = yield gram_request((w_acc, g, s), _PAIRS, axes, verify_zero=(0,))
-    _, _, hw = _tangent(gr, unit_eps)
-    ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-    hh = combination((1.0, hw), (gg, wg, ww), PAIR_GRAM)
-    radial = hh < TRUSTED_FRACTION * gg
+    gr = yield gram_request(
+        (w_acc, g, s), _PAIRS, axes, verify_zero=(0,), derive=derive
+    )
+    hh, hw = gr.derived[0], gr.derived[1]
+    radial = hh < TRUSTED_FRACTION * gr.values[5]
 
     def direct():
         h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
@@ -105,6 +105,15 @@ def step_program(g, s, w, *, unit_eps, then, inputs) -> Program:
     coefficients, other = yield Batched(then, (gr, hh, inputs), gr.values[0].shape)
     delta, new = _write(coefficients, w_acc, g, s)
     return delta.astype(w.dtype), new, other
+
+
+def radial(gr: Gram, unit_eps):
+    """``(hh, hw)`` for every unit of the step at once: the squared norm of the
+    projected gradient from the Gram identity (exact unless it cancels) and its
+    coefficient ``h~ = g~ + hw w~``."""
+    _, _, hw = _tangent(gr, unit_eps)
+    ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
+    return combination((1.0, hw), (gg, wg, ww), PAIR_GRAM), hw
 
 
 def _tangent(gr: Gram, unit_eps):
