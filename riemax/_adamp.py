@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from riemax import _checks as checks
-from riemax._adamp_step import TEST, adamp_leaf, sgdp_leaf
+from riemax._adamp_step import TEST, adamp_leaf, projections, sgdp_leaf
 from riemax._labels import MANIFOLD, check_labels
 from riemax._leafmap import Step, schedule_value, stateful, zeros_like_state
 from riemax._tree import path_str
@@ -187,12 +187,13 @@ def _adamp_tx(owner, learning_rate, b1, b2, eps, weight_decay, delta, wd_ratio,
 
     def prepare(state, count, updates, params):
         lr = schedule_value(learning_rate, state.count)
+        rules = projections(eps, wd_ratio)  # one per step: leaves resolve together
 
         def leaf(g, m, v, mode, w):
             out = yield from adamp_leaf(
                 g, m, v, w, lr=lr, count=count, b1=b1, b2=b2, eps=eps,
                 weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
-                nesterov=nesterov, mode=mode,
+                nesterov=nesterov, mode=mode, rules=rules,
             )  # fmt: skip
             return out[:3]
 
@@ -286,12 +287,13 @@ def _sgdp_tx(owner, learning_rate, momentum, dampening, weight_decay, nesterov, 
 
     def prepare(state, count, updates, params):
         lr = schedule_value(learning_rate, state.count)
+        rules = projections(eps, wd_ratio)  # one per step: leaves resolve together
 
         def leaf(g, buf, mode, w):
             out = yield from sgdp_leaf(
                 g, buf, w, lr=lr, momentum=momentum, dampening=dampening,
                 weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta,
-                wd_ratio=wd_ratio, mode=mode,
+                wd_ratio=wd_ratio, mode=mode, rules=rules,
             )  # fmt: skip
             return out[:2]
 

@@ -70,7 +70,10 @@ class UnitRequest(NamedTuple):
     statistics are per-group inner products of the leaf's arrays (a :class:`Gram`);
     ``then(gram, inputs)`` turns them into the per-unit quantities the leaf needs
     (``inputs``: per-unit arrays of the leaf, such as a second moment), or, without
-    ``then``, the leaf receives the Gram itself. ``then`` acts elementwise on
+    ``then``, the leaf receives the Gram itself, with the per-unit arrays of
+    ``derive(gram, inputs, leaf)`` (computed once on the units of every leaf;
+    ``leaf`` is the static index of each unit's leaf, for per-leaf reductions
+    such as a maximum over a tensor) as ``gram.derived``. ``then`` acts elementwise on
     units, so :func:`resolve` runs it once on the units of every leaf of a step,
     concatenated.
 
@@ -95,7 +98,7 @@ class UnitRequest(NamedTuple):
     keep: tuple[int, ...]
     then: Callable[..., Any] | None = None
     inputs: Any = None
-    derive: Callable[[Gram], tuple[jax.Array, ...]] | None = None
+    derive: Callable[..., tuple[jax.Array, ...]] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -156,11 +159,15 @@ class _GramView(Gram):
 
 
 def _views(
-    whole: Gram, keeps: Sequence[tuple[int, ...]], derive=None
+    whole: Gram, keeps: Sequence[tuple[int, ...]], derive=None, inputs=None
 ) -> list[_GramView]:
     dtype = whole.values[0].dtype
     factors = per_unit(*(pow2(-e, dtype) for e in whole.exps))
-    derived = per_unit(*derive(whole)) if derive is not None else ()
+    derived: Any = ()
+    if derive is not None:
+        sizes = [math.prod(k) for k in keeps]
+        leaf = np.repeat(np.arange(len(keeps), dtype=np.int32), sizes)
+        derived = per_unit(*derive(whole, inputs, leaf))
     bounds = np.cumsum([0, *(math.prod(k) for k in keeps)])
     views = []
     for i, keep in enumerate(keeps):
@@ -363,7 +370,10 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
         first = requests[members[0]]
         out = _once(Gram(tuple(values), tuple(exps)))
         if first.then is None:
-            parts = _views(out, keeps, first.derive)
+            inputs = None
+            if first.inputs is not None:
+                inputs = _concat([requests[i].inputs for i in members], keeps)
+            parts = _views(out, keeps, first.derive, inputs)
         else:
             inputs = _concat([requests[i].inputs for i in members], keeps)
             parts = _split(_once(first.then(out, inputs)), keeps)
@@ -486,7 +496,7 @@ def gram_request(
     verify_zero: Sequence[int] | None = None,
     then: Callable[..., Any] | None = None,
     inputs: Any = None,
-    derive: Callable[[Gram], tuple[jax.Array, ...]] | None = None,
+    derive: Callable[..., tuple[jax.Array, ...]] | None = None,
 ) -> UnitRequest:
     """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`)."""
     axes = tuple(axes)

@@ -107,7 +107,7 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
     return delta.astype(w.dtype), new, other
 
 
-def radial(gr: Gram, unit_eps):
+def radial(gr: Gram, inputs, leaf, *, unit_eps):
     """``(hh, hw)`` for every unit of the step at once: the squared norm of the
     projected gradient from the Gram identity (exact unless it cancels) and its
     coefficient ``h~ = g~ + hw w~``."""
