@@ -14,6 +14,7 @@ them after the update.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from riemax import _checks as checks
-from riemax._gram import gram_program, norm, normalize, normalize_program
+from riemax._gram import Batched, gram_program, norm, normalize, normalize_program
 from riemax._leafmap import Step, schedule_value, stateful
 from riemax._numerics import (
     acc_dtype,
@@ -189,7 +190,12 @@ def scale_by_nero(
         )
 
     def prepare(state, count, updates, params):
-        lr = schedule_value(learning_rate, state.count)
+        # One function object per step: the per-neuron math of every leaf runs
+        # once on all their neurons (elements of the small leaves) together.
+        hyper = {"lr": schedule_value(learning_rate, state.count), "count": count}
+        # Neurons of several elements and single elements are two batches.
+        units = functools.partial(_nero_units, b2=b2, **hyper)
+        elements = functools.partial(_nero_units, b2=b2, **hyper)
 
         def leaf(g, nu, scale, w):
             g, w_acc = to_acc(g), to_acc(w)
@@ -199,25 +205,18 @@ def scale_by_nero(
             # its moving average; g~ = g 2**-e_g per neuron.
             if axes:
                 gr = yield from gram_program((w_acc, g), ((1, 1),), axes)
-                e_g, f_g = gr.exps[1], gr.factor(1)
-                rms = unscaled(safe_sqrt(gr.values[0] / n), e_g)
+                g_sq, e_g = gr.values[0], gr.exps[1]
             else:
-                rms = jnp.abs(g)
-                e_g = exponent(rms)
-                f_g = pow2(-e_g, g.dtype)
-            nu = root_ema(nu, rms, b2)
-            bc = 1 - b2 ** count.astype(nu.dtype)
-            # g_hat = g~ k with k = 2**e_g / sqrt(v / bc), v = n nu**2.
-            k = safe_div(jnp.sqrt(bc), n**0.5 * unscaled(nu, -e_g))
-            step = lr * scale * k  # the step is -step * g~
+                g_sq, e_g = g, None
+            inputs = (nu, g_sq, e_g, jnp.asarray(n, nu.dtype), scale)
+            fn = units if axes else elements
+            nu, step, f_g = yield Batched(fn, inputs, nu.shape)
             if not (constraints and axes):
-                if axes:
-                    step, f_g = per_unit(step, f_g)
                 return (-((g * f_g) * step)).astype(w.dtype), nu
             # The new point on the scale of w: q~ = w~ - beta g~, then centred and
             # normalized per unit (exact for any magnitude of w and of the step).
             beta = unscaled(step, -gr.exps[0])
-            f_w, f_g, beta = per_unit(gr.factor(0), f_g, beta)
+            f_w, beta = per_unit(gr.factor(0), beta)
             q = (w_acc * f_w) - beta * (g * f_g)
             mean = jnp.mean(q, axis=axes, keepdims=True)
             c = yield from normalize_program(q - mean, axes, 0.0)
@@ -226,6 +225,28 @@ def scale_by_nero(
         return Step(leaf, extra=(state.scale,))
 
     return stateful(owner, init, prepare, fields=("nu",), units=False)
+
+
+def _nero_units(inputs, *, lr, count, b2):
+    """Nero's per-neuron math on the neurons of every leaf at once: ``(nu, step,
+    f_g)`` with the update ``-(g f_g) step``.
+
+    ``inputs`` per neuron: the stored root ``nu``, the scaled squared norm of the
+    gradient and its exponent (or, for one-element neurons, the gradient itself
+    and ``None``), the neuron size and the leaf's step scale.
+    """
+    nu, g_sq, e_g, n, scale = inputs
+    if e_g is None:  # one element per neuron: |g| itself
+        rms = jnp.abs(g_sq)
+        e_g = exponent(rms)
+    else:
+        rms = unscaled(safe_sqrt(g_sq / n), e_g)
+    f_g = pow2(-e_g, nu.dtype)
+    nu = root_ema(nu, rms, b2)
+    bc = 1 - b2 ** count.astype(nu.dtype)
+    # g_hat = g~ k with k = 2**e_g / sqrt(v / bc), v = n nu**2.
+    k = safe_div(jnp.sqrt(bc), jnp.sqrt(n) * unscaled(nu, -e_g))
+    return nu, lr * scale * k, f_g  # the step is -step * g~
 
 
 def _check_nero(owner, learning_rate, b2, constraints):
