@@ -114,12 +114,12 @@ def _from_plain(sums, pairs, diagonal) -> Gram:
 
 
 class _Parts:
-    """One leaf's part of flat per-unit arrays: each slice is taken when it is
-    first read (a leaf reads only what its elementwise loops need)."""
+    """One leaf's part of flat per-unit arrays: each slice is taken where it is
+    read (a leaf reads only what its elementwise loops need). Nothing is cached:
+    a slice taken inside a conditional's branch must not leak out of it."""
 
     def __init__(self, arrays, start: int, stop: int, keep: tuple[int, ...]):
         self.arrays, self.start, self.stop, self.keep = arrays, start, stop, keep
-        self._cache: dict[int, jax.Array] = {}
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -127,13 +127,10 @@ class _Parts:
     def __getitem__(self, j):
         if isinstance(j, slice):
             return tuple(self[k] for k in range(*j.indices(len(self))))
-        j = j % len(self)
-        if j not in self._cache:
-            x = self.arrays[j]
-            if (self.start, self.stop) != (0, x.shape[0]):
-                x = x[self.start : self.stop]
-            self._cache[j] = x.reshape(self.keep)
-        return self._cache[j]
+        x = self.arrays[j]
+        if (self.start, self.stop) != (0, x.shape[0]):
+            x = x[self.start : self.stop]
+        return x.reshape(self.keep)
 
     def __iter__(self):
         return (self[j] for j in range(len(self)))

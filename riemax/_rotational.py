@@ -17,6 +17,7 @@ its own running root mean square per unit, the inner's scale cancels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,13 +28,15 @@ import optax
 
 from riemax import _checks as checks
 from riemax._gram import (
+    Batched,
     Fallback,
+    Gram,
     Program,
     drive,
+    gram_request,
     norm,
     norm_program,
     normalize,
-    unit_gram_program,
 )
 from riemax._labels import MANIFOLD, check_labels
 from riemax._leafmap import Step, leaf_map, schedule_value, stateful, zeros_per_unit
@@ -43,7 +46,6 @@ from riemax._numerics import (
     centered,
     combination,
     group_size,
-    per_unit,
     root_ema,
     safe_div,
     safe_sqrt,
@@ -97,55 +99,73 @@ def _radius(w: jax.Array, zero_mean: bool) -> Program:
     return unscaled((yield from norm_program(c, axes)), e)
 
 
-def _rotate(p, u, r, nu, *, rate, count, zero_mean, decay, eps):
-    """One rotational step of one kernel: ``(update, nu)`` (accumulation dtype).
-
-    On the arrays scaled per unit, ``p~ = p 2**-e_p`` and ``u~ = u 2**-e_u``:
-    the projected, centred direction is ``v~ = u~ - kappa p~ - mu`` and the new
-    point ``(r / N) (p~ - gamma v~)``, with ``N`` its norm, all from one Gram pass.
-    """
-    axes = unit_axes(p.ndim)
-    n = group_size(p.shape, axes)
-    dtype = p.dtype
-    if zero_mean:
-        gr = yield from unit_gram_program(
-            (p, u), ((0, 0), (0, 1), (1, 1), (0, None), (1, None))
-        )
+def _direction(gr: Gram, inputs, leaf=None):
+    """``(kappa, mu, vv, pv)`` for every unit of the step: the centred direction
+    ``v~ = u~ - kappa p~ - mu`` and, from the Gram identity (exact unless it
+    cancels), ``|v~|^2`` and ``<p~, v~>``. ``inputs``: the radius and size."""
+    r, n = inputs
+    if len(gr.values) == 5:
         pp, pu, uu, sum_p, sum_u = gr.values
     else:
-        gr = yield from unit_gram_program((p, u), ((0, 0), (0, 1), (1, 1)))
         pp, pu, uu = gr.values
         sum_p = sum_u = jnp.zeros_like(pp)
-    e_p, e_u = gr.exps[0], gr.exps[1]
-    f_p, f_u = gr.factor(0), gr.factor(1)
     # u <- u - p <u, p> / r**2, then minus its mean.
-    r_s = unscaled(r, -e_p)
+    r_s = unscaled(r, -gr.exps[0])
     kappa = safe_div(pu, r_s * r_s)
     mu = (sum_u - kappa * sum_p) / n
     vv = combination((1.0, -kappa), (uu, pu, pp), PAIR_GRAM) - n * mu * mu
     pv = pu - kappa * pp - mu * sum_p
-    cancelled = vv < TRUSTED_FRACTION * uu
+    return kappa, mu, vv, pv
 
-    def direct():
-        pt = p * f_p
-        v = (u * f_u - kappa * pt) - mu
-        return inner_product(v, v, axes), inner_product(pt, v, axes)
 
-    vv, pv = yield Fallback((vv, pv), cancelled, direct)
+def _step_units(inputs, *, rate, count, decay, eps):
+    """The rest of the step for every unit at once: ``(nu, phi, gamma, kappa,
+    mu)``, the new point being ``phi (p~ - gamma v~)``."""
+    gr, vv, pv, nu, r, n = inputs
+    kappa, mu, _, _ = _direction(gr, (r, n))
+    pp, e_u, dtype = gr.values[0], gr.exps[1], nu.dtype
     vv = jnp.maximum(vv, 0)
     # s <- (1 - rho) |v|**2 + rho s, kept as the root mean square nu = sqrt(s / n).
     nu = root_ema(nu, unscaled(safe_sqrt(vv / n), e_u), decay)
     bc = 1 - decay ** count.astype(dtype)
     # p <- p - rate r v / (a + eps) with a = sqrt(s / bc): on the scale of p,
     # p~ - gamma v~ with gamma = rate r~ / (a~ + eps~).
-    a_s = n**0.5 * safe_div(unscaled(nu, -e_u), jnp.sqrt(bc))
+    a_s = jnp.sqrt(n) * safe_div(unscaled(nu, -e_u), jnp.sqrt(bc))
+    r_s = unscaled(r, -gr.exps[0])
     gamma = rate * r_s * safe_div(1.0, a_s + unscaled(eps, -e_u, dtype))
     # p <- p r / |p|.
     big = safe_sqrt(combination((1.0, -gamma), (pp, pv, vv), PAIR_GRAM))
-    phi = safe_div(r, big)
-    phi, f_p, f_u, gamma, kappa, mu = per_unit(phi, f_p, f_u, gamma, kappa, mu)
-    pt = p * f_p
-    new = phi * (pt - gamma * ((u * f_u - kappa * pt) - mu))
+    return nu, safe_div(r, big), gamma, kappa, mu
+
+
+def _rotate(p, u, r, nu, *, zero_mean, derive, units):
+    """One rotational step of one kernel: ``(update, nu)`` (accumulation dtype).
+
+    On the arrays scaled per unit, ``p~ = p 2**-e_p`` and ``u~ = u 2**-e_u``:
+    the projected, centred direction is ``v~ = u~ - kappa p~ - mu`` and the new
+    point ``(r / N) (p~ - gamma v~)``, with ``N`` its norm, all from one Gram pass;
+    the per-unit math (``derive``, ``units``) runs once for every leaf.
+    """
+    axes = unit_axes(p.ndim)
+    n = jnp.asarray(group_size(p.shape, axes), p.dtype)
+    pairs = ((0, 0), (0, 1), (1, 1))
+    if zero_mean:
+        pairs += ((0, None), (1, None))
+    gr = yield gram_request((p, u), pairs, axes, inputs=(r, n), derive=derive)
+    kappa, mu, vv, pv = gr.derived
+    cancelled = vv < TRUSTED_FRACTION * gr.values[2]
+
+    def direct():
+        pt = p * gr.factor(0)
+        v = (u * gr.factor(1) - kappa * pt) - mu
+        return inner_product(v, v, axes), inner_product(pt, v, axes)
+
+    vv, pv = yield Fallback((vv, pv), cancelled, direct)
+    nu, phi, gamma, kappa, mu = yield Batched(
+        units, (gr, vv, pv, nu, r, n), gr.values[0].shape
+    )
+    pt = p * gr.factor(0)
+    new = phi * (pt - gamma * ((u * gr.factor(1) - kappa * pt) - mu))
     return new - p, nu
 
 
@@ -269,12 +289,17 @@ def rotational(
 
         radius = jax.lax.cond(state.count == 0, measured, lambda: state.radius)
 
+        # One function object per step: every leaf's requests resolve together.
+        units = functools.partial(
+            _step_units, rate=eta, count=count, decay=decay, eps=eps
+        )
+        derive = functools.partial(_direction)
+
         def leaf(u, nu, r, w):
             p = to_acc(w)
             delta, nu = yield from _rotate(
-                p, to_acc(u), r, nu, rate=eta, count=count, zero_mean=zero_mean,
-                decay=decay, eps=eps,
-            )  # fmt: skip
+                p, to_acc(u), r, nu, zero_mean=zero_mean, derive=derive, units=units
+            )
             return delta.astype(w.dtype), nu, r
 
         return Step(
