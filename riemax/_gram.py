@@ -148,8 +148,8 @@ class _GramView(Gram):
     whole: Gram
     factors: _Parts
     derived: _Parts
-    index: int
-    count: int
+    position: int
+    siblings: int
 
     def factor(self, p: int) -> jax.Array:
         return self.factors[p]
@@ -173,7 +173,7 @@ def _views(
             _Parts(whole.values, start, stop, keep),  # type: ignore[arg-type]
             _Parts(whole.exps, start, stop, keep),  # type: ignore[arg-type]
         )
-        view.whole, view.index, view.count = whole, i, len(keeps)
+        view.whole, view.position, view.siblings = whole, i, len(keeps)
         view.factors = _Parts(factors, start, stop, keep)
         view.derived = _Parts(derived, start, stop, keep)
         views.append(view)
@@ -184,10 +184,14 @@ def _whole(trees: Sequence[Any]) -> Gram | None:
     """The whole Gram when ``trees`` are all the views of one resolution, in
     order; else None."""
     first = trees[0]
-    if not isinstance(first, _GramView) or len(trees) != first.count:
+    if not isinstance(first, _GramView) or len(trees) != first.siblings:
         return None
     for i, t in enumerate(trees):
-        if not isinstance(t, _GramView) or t.whole is not first.whole or t.index != i:
+        if (
+            not isinstance(t, _GramView)
+            or t.whole is not first.whole
+            or t.position != i
+        ):
             return None
     return first.whole
 

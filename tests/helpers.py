@@ -70,6 +70,43 @@ def init_params(seed=0, shapes=SHAPES, on_sphere=True):
     return out
 
 
+#: A conv and a dense kernel and a bias: the trees of the optimizers that run on
+#: every leaf.
+LEAF_SHAPES = {"conv": (3, 3, 4, 8), "dense": (16, 6), "bias": (6,)}
+
+
+def unit_dot(a, b):
+    """Per-unit inner products, kept as a ``(1, ..., 1, units)`` array."""
+    return np.sum(a * b, axis=tuple(range(a.ndim - 1)), keepdims=True)
+
+
+def cycling_gradient(k, w, kind=None):
+    """Step ``k``'s gradient at ``w``, cycling through three kinds for kernels:
+
+    * ``tangent``: orthogonal to every unit up to 1e-4 noise (the channel view
+      of the SGDP/AdamP test fires);
+    * ``balanced``: a radial part of alternating sign per unit, so every unit
+      fails the channel view but the radial parts cancel over the tensor (the
+      layer view fires);
+    * ``radial``: a plain random direction plus half the params (nothing fires).
+    """
+    w = np.asarray(w, np.float64)
+    g = np.random.default_rng(1000 + k).standard_normal(w.shape)
+    if w.ndim < 2:
+        return g
+    kind = kind or ("tangent", "balanced", "radial")[k % 3]
+    ww = unit_dot(w, w)
+    tangent = g - w * unit_dot(g, w) / ww
+    if kind == "tangent":
+        return tangent + 1e-4 * g
+    if kind == "radial":
+        return g + 0.5 * w
+    # <g_j, w_j> = +-c, about half of |g_j| |w_j| on every unit, summing to 0.
+    sign = np.where(np.arange(w.shape[-1]) % 2 == 0, 1.0, -1.0)
+    c = 0.5 * np.mean(np.sqrt(unit_dot(tangent, tangent) * ww))
+    return tangent + c * w * sign / ww
+
+
 class GradientField:
     """G_k(w) = R_k * s + 0.5 w: a fixed random field per step plus a pull on w.
 
@@ -158,21 +195,28 @@ def adamg_chain(
 
 
 def rotational_adamw(
-    learning_rate, weight_decay=0.01, *, zero_mean=True, decay=0.9, eps=1e-8
+    learning_rate,
+    weight_decay=0.01,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    zero_mean=True,
+    decay=0.9,
 ):
-    """The rotational wrapper around Adam at AdamW's equilibrium rate.
+    """The rotational wrapper around Adam (``b1``, ``b2``, ``eps`` are Adam's, as in
+    the runner's table) at AdamW's equilibrium rate.
 
     ``eps_root`` keeps ``jax.grad`` through optax's Adam finite where a gradient
     element is exactly zero (the derivative of its square root is infinite at 0),
     so that the batteries check the wrapper, not optax.
     """
-    rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay)
+    rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay, b1=b1, b2=b2)
     return riemax.rotational(
-        optax.scale_by_adam(eps_root=1e-30),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=1e-30),
         rate,
         zero_mean=zero_mean,
         decay=decay,
-        eps=eps,
     )
 
 
@@ -199,9 +243,12 @@ class Optimizer:
     """One optimizer under test.
 
     ``factory(learning_rate, **kwargs)`` builds it (also under
-    ``optax.inject_hyperparams``); ``units_only`` optimizers accept kernels only
-    (rank >= 2) and keep every unit on the sphere; ``chain`` builds the same
-    optimizer from the composable transforms (``chain(learning_rate, **kwargs)``).
+    ``optax.inject_hyperparams``); ``kernels_only`` optimizers accept kernels only
+    (rank >= 2), ``units_only`` ones (kernels only too) also keep every unit on the
+    sphere; ``chain`` builds the same optimizer from the composable transforms
+    (``chain(learning_rate, **kwargs)``); ``family`` is its name in the runner's
+    table (``experiments/optimizers.py``) where the entry is a variant of another
+    (``tests/test_registry.py`` checks the two tables against each other).
     """
 
     name: str
@@ -210,6 +257,13 @@ class Optimizer:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     units_only: bool = False
     chain: Callable[..., optax.GradientTransformation] | None = None
+    kernels_only: bool = False
+    family: str | None = None
+
+    @property
+    def runner_name(self):
+        """Its name in the runner's table."""
+        return self.family or self.name
 
     def make(self, lr=None, **overrides):
         lr = self.lr if lr is None else lr
@@ -231,8 +285,22 @@ class Optimizer:
 OPTIMIZERS = {
     o.name: o
     for o in [
-        Optimizer("sgdg", riemax.sgdg, 0.2, units_only=True, chain=sgdg_chain),
-        Optimizer("adamg", riemax.adamg, 0.05, units_only=True, chain=adamg_chain),
+        Optimizer(
+            "sgdg",
+            riemax.sgdg,
+            0.2,
+            units_only=True,
+            kernels_only=True,
+            chain=sgdg_chain,
+        ),
+        Optimizer(
+            "adamg",
+            riemax.adamg,
+            0.05,
+            units_only=True,
+            kernels_only=True,
+            chain=adamg_chain,
+        ),
         Optimizer("adams", riemax.adams, 1e-2, {"weight_decay": 1e-4}),
         Optimizer("adamsrt", riemax.adamsrt, 1e-2, {"weight_decay": 1e-4}),
         Optimizer("sgdmrt", riemax.sgdmrt, 0.1, {"weight_decay": 1e-4}),
@@ -243,14 +311,30 @@ OPTIMIZERS = {
             riemax.sgdp,
             0.1,
             {"momentum": 0.9, "weight_decay": 1e-5, "nesterov": True},
+            family="sgdp",
         ),
         Optimizer("nero", riemax.nero, 0.01),
         # The wrappers take the rate from the learning rate and weight decay, so
         # that the learning rate is the first argument (and is what is checked).
-        Optimizer("rotational-adamw", rotational_adamw, 0.05, {"weight_decay": 0.01}),
-        Optimizer("rotational-sgdm", rotational_sgdm, 0.5, {"weight_decay": 1e-4}),
+        Optimizer(
+            "rotational-adamw",
+            rotational_adamw,
+            0.05,
+            {"weight_decay": 0.01},
+            kernels_only=True,
+        ),
+        Optimizer(
+            "rotational-sgdm",
+            rotational_sgdm,
+            0.5,
+            {"weight_decay": 1e-4},
+            kernels_only=True,
+        ),
     ]
 }
 
 #: The optimizers that keep every unit on the sphere.
 SPHERE_OPTIMIZERS = {k: o for k, o in OPTIMIZERS.items() if o.units_only}
+
+#: The optimizers that take kernels only (a bias goes to ``riemax.hybrid``).
+KERNEL_OPTIMIZERS = {k: o for k, o in OPTIMIZERS.items() if o.kernels_only}

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from enorm_reference import (
+from flax import nnx
+from reference.enorm import (
     reference_cycle,
     unit_norms_in,
     unit_norms_out,
     weighted_objective,
 )
-from flax import nnx
 
 import riemax
 from riemax._tree import path_str

@@ -1,10 +1,11 @@
 """The shape of a lowered riemax step: its control flow does not grow with the
-number of leaves.
+number of leaves, and a data-dependent decision stays on the device.
 
 Every optimizer makes its robust-path decision once per step for the whole
 tree, so the number of conditionals and loops in the lowered update is the same
 for one ResNet-20 kernel as for twenty. Lowering only (no XLA compile), so the
-checks are cheap.
+checks are cheap; the SGDP/AdamP projection test is also run once, with
+implicit host transfers disallowed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import OPTIMIZERS
+from helpers import LEAF_SHAPES, OPTIMIZERS, cycling_gradient, init_params
+from jax.extend import core as jex_core
 
 import riemax
 
@@ -95,3 +97,49 @@ def test_the_count_sees_a_conditional_per_leaf():
     assert control_flow(lowered_update(tx, 20)) == 20 * control_flow(
         lowered_update(tx, 1)
     )
+
+
+CALLBACK_OR_IO = ("callback", "infeed", "outfeed", "print", "host", "io_")
+
+
+def _primitives(jaxpr):
+    """Every primitive name in a closed jaxpr, sub-jaxprs (cond, pjit, loops)
+    included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    names |= _primitives(sub.jaxpr)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    names |= _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp", "sgdp-nesterov"])
+def test_projection_test_runs_on_device(name):
+    """The jitted step has no callback or host transfer in its program, and runs
+    with implicit transfers disallowed."""
+    tx = OPTIMIZERS[name].make()
+    params = {
+        k: jnp.asarray(v, jnp.float32)
+        for k, v in init_params(0, LEAF_SHAPES, on_sphere=False).items()
+    }
+    grads = {
+        k: jnp.asarray(cycling_gradient(0, v), jnp.float32) for k, v in params.items()
+    }
+    state = tx.init(params)
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    names = _primitives(jax.make_jaxpr(step)(grads, state, params).jaxpr)
+    assert "reduce_max" in names or "max" in names  # the test itself is there
+    assert not [n for n in names if any(bad in n for bad in CALLBACK_OR_IO)], names
+    jitted = jax.jit(step)
+    jax.block_until_ready(jitted(grads, state, params))
+    with jax.transfer_guard("disallow"):
+        out = jax.block_until_ready(jitted(grads, state, params))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out[0]))

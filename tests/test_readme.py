@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference as ref
 from flax import nnx
 from helpers import (
     SHAPES,
@@ -22,6 +21,7 @@ from helpers import (
     unit_norms,
     x64,
 )
+from reference import grassmann as ref
 
 import riemax
 from riemax import diagnostics

@@ -1,8 +1,12 @@
-"""Invariants, edge cases and errors of the sphere transforms and named optimizers."""
+"""Invariants and edge cases of the per-unit transforms and of the named
+optimizers: the sphere geometry, SGDP's buffer, Nero's scale and the rotational
+wrapper's norms and rate, zero and huge units, the per-unit sums they share and
+the compiled step. (Bad input is ``test_inputs.py``'s.)"""
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -10,7 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import OPTIMIZERS, SPHERE_OPTIMIZERS, full_compile, unit_norms, x64
+from helpers import (
+    LEAF_SHAPES,
+    OPTIMIZERS,
+    SPHERE_OPTIMIZERS,
+    cycling_gradient,
+    full_compile,
+    init_params,
+    unit_dot,
+    unit_norms,
+    x64,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -233,6 +247,142 @@ def test_unit_init_has_unit_units_and_is_truncated():
         riemax.unit_init()(jax.random.key(0), (4,))
 
 
+# ------------------------------------------- invariants of SGDP, Nero, rotational
+
+
+def test_sgdp_projects_its_buffer_in_place_without_nesterov():
+    """Without Nesterov the stored momentum loses its radial part (the original
+    projects the buffer itself); with Nesterov the buffer is the plain one."""
+    with x64():
+        w = {
+            "dense": jnp.asarray(init_params(0, LEAF_SHAPES, on_sphere=False)["dense"])
+        }
+        g = {"dense": jnp.asarray(cycling_gradient(0, w["dense"], "tangent"))}
+        g["dense"] = g["dense"] + 0.05 * w["dense"] / unit_dot(
+            np.asarray(w["dense"]), np.asarray(w["dense"])
+        )
+        for nesterov in (False, True):
+            tx = riemax.sgdp(0.1, momentum=0.9, nesterov=nesterov)
+            _, state = jax.jit(tx.update)(g, tx.init(w), w)
+            buf = np.asarray(state.trace["dense"])
+            radial = unit_dot(buf, np.asarray(w["dense"]))
+            if nesterov:
+                np.testing.assert_allclose(buf, g["dense"], rtol=1e-15)
+            else:
+                # Removed up to the epsilon of w_hat = w / (|w| + eps).
+                np.testing.assert_allclose(radial, 0.0, atol=1e-8)
+                assert (
+                    np.max(np.abs(unit_dot(np.asarray(g["dense"]), w["dense"]))) > 0.04
+                )
+
+
+def test_nero_scale_of_a_zero_leaf_and_schedule():
+    """``init`` takes the scale from the params it is given (0.01 for a zero
+    leaf); a schedule is evaluated at the step count."""
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.full((3,), 2.0)}
+    state = jax.jit(riemax.nero(0.01).init)(params)
+    np.testing.assert_allclose(state.scale["w"], 0.01)
+    np.testing.assert_allclose(state.scale["b"], 2.0)
+    sched = optax.exponential_decay(0.01, 1, 0.5)
+    a = riemax.nero(sched, constraints=False)
+    b = riemax.nero(0.005, constraints=False)
+    g = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    a_update, b_update = jax.jit(a.update), jax.jit(b.update)
+    _, sa = a_update(g, jax.jit(a.init)(params), params)
+    ua, _ = a_update(g, sa, params)
+    sb = jax.jit(b.init)(params)
+    _, sb = b_update(g, sb, params)
+    ub, _ = b_update(g, sb, params)
+    np.testing.assert_allclose(ua["b"], ub["b"], rtol=1e-6)
+
+
+def _rotational_run(steps, shape=(3, 3, 16, 8), seed=0):
+    """``steps`` steps of rotational Adam at AdamW's equilibrium rate on random
+    gradients, in float32; returns the initial params, every iterate's per-unit
+    angle to the previous one, the final params and the rate."""
+    rate = riemax.equilibrium_rate("adamw", 1e-3, 0.1)
+    tx = riemax.rotational(optax.scale_by_adam(), rate)
+    w0 = jax.jit(riemax.center_units)(jax.random.normal(jax.random.key(seed), shape))
+    axes = tuple(range(len(shape) - 1))
+
+    def body(carry, key):
+        w, state = carry
+        g = jax.random.normal(key, shape)
+        updates, state = tx.update(g, state, w)
+        new = optax.apply_updates(w, updates)
+        chord = jnp.sqrt(jnp.sum((new - w) ** 2, axis=axes))
+        r = jnp.sqrt(jnp.sum(w * w, axis=axes))
+        return (new, state), 2 * jnp.arcsin(chord / (2 * r))
+
+    keys = jax.random.split(jax.random.key(seed + 1), steps)
+    (final, _), angles = jax.jit(lambda w, s: jax.lax.scan(body, (w, s), keys))(
+        w0, tx.init(w0)
+    )
+    return w0, np.asarray(angles), final, rate
+
+
+def test_rotational_keeps_norms_for_1000_float32_steps():
+    w0, _, final, _ = _rotational_run(1000)
+    assert final.dtype == jnp.float32
+    np.testing.assert_allclose(unit_norms(final), unit_norms(w0), rtol=1e-5)
+    # ... and the units stay centred (zero_mean) while they moved far.
+    np.testing.assert_allclose(np.sum(np.asarray(final), axis=(0, 1, 2)), 0, atol=1e-4)
+    cos = (
+        np.sum(np.asarray(final) * np.asarray(w0), axis=(0, 1, 2)) / unit_norms(w0) ** 2
+    )
+    assert np.all(cos < 0.98)
+
+
+def test_rotational_mean_angular_step_converges_to_the_rate():
+    """On random gradients the measured angle per step, averaged over steps 200
+    to 400, is the rate for every unit (within 10 %)."""
+    _, angles, _, rate = _rotational_run(400)
+    mean = angles[200:].mean(axis=0)
+    np.testing.assert_allclose(mean, rate, rtol=0.1)
+    # The running normalisation makes the first step exactly the rate (a = |u|).
+    np.testing.assert_allclose(angles[0], math.atan(rate), rtol=1e-3)
+
+
+@pytest.mark.parametrize("inner", ["sgdm", "lion"])
+def test_rotational_runs_sgdm_and_lion_in_float32(inner):
+    make = {"sgdm": lambda: optax.trace(0.9), "lion": optax.scale_by_lion}[inner]
+    rate = riemax.equilibrium_rate(inner, 0.1, 1e-3, momentum=0.9)
+    tx = riemax.rotational(make(), rate)
+    w = jax.jit(riemax.center_units)(jax.random.normal(jax.random.key(2), (16, 8)))
+    state = tx.init(w)
+    step = jax.jit(tx.update)
+    w1 = w
+    for k in range(50):
+        updates, state = step(jax.random.normal(jax.random.key(k), w.shape), state, w1)
+        new = optax.apply_updates(w1, updates)
+        if k == 0:  # the first step turns every unit by atan(rate): a = |u|
+            chord = unit_norms(np.asarray(new) - np.asarray(w)) / unit_norms(w)
+            np.testing.assert_allclose(
+                2 * np.arcsin(chord / 2), math.atan(rate), rtol=1e-3
+            )
+        w1 = new
+    np.testing.assert_allclose(unit_norms(w1), unit_norms(w), rtol=1e-5)
+    assert float(jnp.max(jnp.abs(w1 - w))) > 0.01
+
+
+def test_center_units_keeps_norms_and_respects_labels():
+    params = {
+        "conv": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) + 1.0,
+        "head": jax.random.normal(jax.random.key(1), (4, 3)) + 1.0,
+        "bias": jnp.ones(4),
+    }
+    out = jax.jit(riemax.center_units)(params)
+    for n in ("conv", "head"):
+        np.testing.assert_allclose(unit_norms(out[n]), unit_norms(params[n]), rtol=1e-6)
+        axes = tuple(range(out[n].ndim - 1))
+        np.testing.assert_allclose(jnp.sum(out[n], axis=axes), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(out["bias"], params["bias"])
+    labels = {"conv": "manifold", "head": "euclidean", "bias": "euclidean"}
+    only = jax.jit(lambda p: riemax.center_units(p, labels))(params)
+    np.testing.assert_array_equal(only["head"], params["head"])
+    np.testing.assert_array_equal(only["conv"], out["conv"])
+
+
 # ------------------------------------------------------------------------ edge cases
 
 ALL_NAMED = {
@@ -408,60 +558,7 @@ def test_low_precision_drift_and_state_dtype():
         np.testing.assert_allclose(unit_norms(final), 1.0, atol=1e-2)
 
 
-# ---------------------------------------------------------------------------- errors
-
-SPHERE_TRANSFORMS = {
-    "grassmann_project": riemax.grassmann_project,
-    "clip_tangent_norm": lambda: riemax.clip_tangent_norm(0.1),
-    "transported_momentum": lambda: riemax.transported_momentum(0.9),
-    "spherical_adam": riemax.spherical_adam,
-    "exp_map_update": riemax.exp_map_update,
-    "ortho_penalty": lambda: riemax.ortho_penalty(0.1),
-}
-
-
-@pytest.mark.parametrize("name", list(SPHERE_TRANSFORMS))
-def test_one_dimensional_leaf_is_rejected_with_its_path(name):
-    params = {
-        "block": {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}
-    }
-    tx = SPHERE_TRANSFORMS[name]()
-    with pytest.raises(ValueError, match=r"'block/conv/bias' has shape \(4,\)"):
-        tx.init(params)
-
-
-@pytest.mark.parametrize("name", ["sgdg", "adamg"])
-def test_named_sphere_optimizer_rejects_bias(name):
-    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}
-    with pytest.raises(ValueError, match="conv/bias.*riemax.hybrid"):
-        NAMED_SPHERE[name]().init(params)
-
-
-@pytest.mark.parametrize("name", list(ALL_NAMED))
-def test_missing_params_is_a_clear_error(name):
-    w = jnp.ones((4, 2))
-    tx = ALL_NAMED[name]()
-    with pytest.raises(ValueError, match="params"):
-        tx.update(w, tx.init(w))
-
-
-@pytest.mark.parametrize(
-    "make", [riemax.sgdg, riemax.adamg, riemax.adams, riemax.adamsrt, riemax.sgdmrt]
-)
-def test_negative_learning_rate_is_rejected(make):
-    with pytest.raises(
-        ValueError, match=r"learning_rate must be in \[0, inf\], got -0.1"
-    ):
-        make(-0.1)
-
-
-def test_bad_options_are_rejected():
-    with pytest.raises(ValueError, match="at must be one of 'unit', 'param'"):
-        riemax.ortho_penalty(0.1, at="weights")
-    with pytest.raises(ValueError, match=r"unit_eps must be in \[0, inf\]"):
-        riemax.sgdg(0.1, unit_eps=-1.0)
-    with pytest.raises(ValueError, match=r"max_norm must be in \[0, inf\]"):
-        riemax.clip_tangent_norm(-0.5)
+# -------------------------------------------------------------------- per-unit sums
 
 
 @pytest.mark.parametrize(
@@ -506,20 +603,52 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
             want = np.sum(arrays[p] * arrays[q], axis=axes, keepdims=True)
             np.testing.assert_allclose(value, want, rtol=1e-13)
         # Differentiable and batchable like the plain sums.
-        grad = jax.grad(lambda a: _numerics.norm(a, axes).sum())
+        grad = jax.grad(lambda a: _gram.norm(a, axes).sum())
         a0 = rand(0, shape)
         np.testing.assert_allclose(
             grad(a0),
             a0 / np.sqrt(np.sum(a0 * a0, axis=axes, keepdims=True)),
             rtol=1e-12,
         )
-        batched = jax.vmap(lambda a: _numerics.norm(a, axes))(np.stack(arrays[:2]))
+        batched = jax.vmap(lambda a: _gram.norm(a, axes))(np.stack(arrays[:2]))
         np.testing.assert_allclose(
             batched[1],
             np.sqrt(np.sum(arrays[1] ** 2, axis=axes, keepdims=True)),
             rtol=1e-13,
         )
 
+
+@pytest.mark.parametrize("block", [1 << 19, 64])
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_gram_plain_sums_in_the_same_pass(monkeypatch, block, scale):
+    """Pairs ``(p, None)`` of the Gram pass are the per-unit sums of array ``p``
+    on its scale (the wrapper's centring), exact at any magnitude and in blocks."""
+    from riemax import _gram, _sums
+
+    monkeypatch.setattr(_sums, "CPU_BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((701, 24)) * scale + 0.3 * scale
+    b = rng.standard_normal((701, 24))
+    pairs = ((0, None), (1, None), (0, 1))
+    got = jax.jit(lambda x, y: _gram.unit_gram((x, y), pairs))(
+        jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    )
+    exps = [np.asarray(e, np.float64) for e in got.exps]
+    true = [
+        np.asarray(got.values[0], np.float64) * 2.0 ** exps[0],
+        np.asarray(got.values[1], np.float64) * 2.0 ** exps[1],
+        np.asarray(got.values[2], np.float64) * 2.0 ** (exps[0] + exps[1]),
+    ]
+    want = [
+        a.sum(0, keepdims=True),
+        b.sum(0, keepdims=True),
+        (a * b).sum(0, keepdims=True),
+    ]
+    for x, y in zip(true, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * np.abs(y).max())
+
+
+# ------------------------------------------------------------- the compiled step
 
 IN_PLACE = {name: o.make for name, o in OPTIMIZERS.items()}
 
