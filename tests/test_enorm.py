@@ -189,7 +189,7 @@ def test_cycles_converge_and_objective_never_increases(x64, c, stale):
 
 @pytest.mark.parametrize("c", [1.0, 1.2])
 def test_four_layer_mlp_layer_norms(x64, c):
-    """ALGORITHMS.md §7.1 item 5: equal balanced layer norms (c=1), ratio c else."""
+    """docs/algorithms.md#enorm-fixed-points-and-function-preservation: equal balanced layer norms (c=1), ratio c else."""
     rng = np.random.default_rng(7)
     shapes = [(6, 8), (8, 8), (8, 8), (8, 3)]
     kernels = [jnp.asarray(w) for w in _unbalanced(rng, shapes)]

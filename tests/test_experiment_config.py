@@ -1,7 +1,7 @@
 """Config, presets, the optimizer table and the command line of experiments/.
 
-The expected numbers below are copied from the specification text
-(ALGORITHMS.md 2.6, 3.5, 4.3) and from the papers' README command lines, not
+The expected numbers below are copied from the papers' recipes
+(docs/algorithms.md#cho-and-lee-recipes, #roburin-et-al-recipes, #stock-et-al-recipes) and from the papers' README command lines, not
 from the code under test.
 """
 
@@ -45,7 +45,7 @@ def lr_at(cfg, key, count):
 
 
 # --------------------------------------------------------------------------------------
-# Cho & Lee (ALGORITHMS.md 2.6)
+# Cho & Lee (docs/algorithms.md#cho-and-lee-recipes)
 # --------------------------------------------------------------------------------------
 
 # | data | method | eta_e | eta_g | omega | nu | weight decay | keep_prob |
@@ -118,7 +118,7 @@ def test_rbn_piecewise_schedule_uses_strict_greater_than():
 
 
 # --------------------------------------------------------------------------------------
-# Roburin et al. (ALGORITHMS.md 3.5): the best_hyper_parameters table as in the spec
+# Roburin et al. (docs/algorithms.md#roburin-et-al-recipes): the best_hyper_parameters table as published
 # --------------------------------------------------------------------------------------
 
 SRT_TABLE = """
@@ -151,7 +151,7 @@ def _srt_cells():
 )
 def test_srt_presets_resolve_to_best_hyper_parameters(cell):
     data, model, opt, lr, wd, beta, mom = cell
-    if opt == "adamg":  # a different algorithm (ALGORITHMS.md 3.4): no preset
+    if opt == "adamg":  # a different algorithm (docs/algorithms.md#the-adamg-baseline-of-the-original-code): no preset
         with pytest.raises(ValueError, match="different algorithm"):
             presets.srt_name(data, model, opt)
         assert not any(
@@ -203,7 +203,7 @@ def test_srt_normalization_and_multistep_per_epoch():
 
 
 # --------------------------------------------------------------------------------------
-# ENorm (ALGORITHMS.md 4.3)
+# ENorm (docs/algorithms.md#stock-et-al-recipes)
 # --------------------------------------------------------------------------------------
 
 # | model | ENorm c | epochs | eta_0 | weight decay | momentum |
@@ -346,7 +346,7 @@ def test_optimizer_table_defaults_and_validation():
         "rotational-adamw",
         "rotational-sgdm",
     ]
-    # the defaults of the AdamP and Nero papers (spec section 8)
+    # the defaults of the AdamP and Nero papers (docs/algorithms.md#sgdp-and-adamp, #nero)
     assert optimizers.resolve_hyper("adamp", {}) == {
         "lr": 1e-3,
         "b1": 0.9,

@@ -183,7 +183,7 @@ def test_unknown_model_lists_valid_names():
         models.param_shapes("nope", 10)
 
 
-# Parameter counts: WRN-28-10 from the spec (36.5M), ResNet-20 from the measured
+# Parameter counts: WRN-28-10 from the paper (36.5M), ResNet-20 from the measured
 # notes (0.27M), the other WRNs from Zagoruyko & Komodakis (2016, table 1).
 PUBLISHED_COUNTS = {
     "wrn-28-10": 36.5e6,
@@ -206,7 +206,7 @@ def _conv(k, cin, cout):
 
 
 def test_counts_follow_the_spec_architectures():
-    """Counts written out from the layer lists of ALGORITHMS.md 3.6 and 4.3."""
+    """Counts written out from the layer lists of docs/algorithms.md#roburin-et-al-models, #stock-et-al-models."""
     # SRT resnet18: stem 3x3x3->64 + BN; 4 stages x 2 BasicBlocks; option-B 1x1
     # shortcut + BN where the width or stride changes; Linear(512, 10).
     n = _conv(3, 3, 64) + 2 * 64

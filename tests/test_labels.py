@@ -46,7 +46,7 @@ def routing_tx():
 def test_rule_reproduces_wrn_28_10_split():
     params = lm.wrn_param_shapes(28, 10)
     labels = flat(riemax.labels_by_rule(params))
-    # Cho & Lee §2.1: stem on; every 3x3 conv on except group2/block0/conv1
+    # Cho & Lee (docs/algorithms.md#manifold-parameters): stem on; every 3x3 conv on except group2/block0/conv1
     # [3,3,16,160] (144 < 160); 1x1 projections, BN and classifier off.
     convs = [p for p in labels if re.search(r"conv\d?/kernel$", p)]
     expected_on = {"stem/conv/kernel"} | set(convs)

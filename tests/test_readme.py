@@ -146,7 +146,7 @@ def test_readme_multi_transform_equals_riemax_hybrid(composed):
 class CappedAdamG(ref.AdamG):
     """Float64 reference: Adam-G without gradient clip or orthogonality term whose
     step is clipped per unit, with ``m`` carried by exact parallel transport along
-    the step taken (ALGORITHMS.md eq. 8)."""
+    the step taken (docs/algorithms.md#parallel-transport)."""
 
     def __init__(self, w, lr, max_angle, carry_m=True):
         super().__init__(w, lr, grad_clip=None, omega=0.0)

@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of ALGORITHMS.md §8.1: SGDP and AdamP (Heo et
+"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.1: SGDP and AdamP (Heo et
 al.), their channel and layer views and the per-step projection test.
 
 Written from the specification, step by step and in its order of operations. It

@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of one ENorm cycle (ALGORITHMS.md §4.2), Flax layout.
+"""Float64 NumPy reference of one ENorm cycle (docs/algorithms.md#enorm-cycle), Flax layout.
 
 Written from the specification only, independently of ``riemax/_enorm.py``.
 Kernels are dense ``(in, out)`` or conv ``(kh, kw, in, out)``; the hidden unit ``j``

@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of ALGORITHMS.md §8.2: Nero (Liu et al.) and
+"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.2: Nero (Liu et al.) and
 its construction-time constraints.
 
 Written from the specification, step by step and in its order of operations. It

@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of ALGORITHMS.md §8.3: the rotational wrapper
+"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.3: the rotational wrapper
 (Kosson et al.), with the inner optimizers it is used with (Adam, momentum SGD,
 Lion) and the equilibrium rates.
 
