@@ -42,7 +42,7 @@ def row_norms(rows):
     return np.sqrt(np.sum(rows * rows, axis=1))
 
 
-# ------------------------------------------------------------ §8.1 SGDP / AdamP
+# ------------------------------------------------------------ SGDP / AdamP
 
 
 def projection(p, g, d, delta, wd_ratio, eps, mode="test"):

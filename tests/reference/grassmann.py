@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of the update rules of ALGORITHMS.md §1–§2:
+"""Float64 NumPy re-implementation of the update rules in docs/algorithms.md (sphere geometry, SGD-G and Adam-G):
 the per-unit sphere primitives, SGD-G and Adam-G (Cho & Lee), and the Euclidean
 companion of their hybrid.
 
@@ -27,7 +27,7 @@ def nrm(a, axes=None):
     return np.sqrt(dot(a, a, axes))
 
 
-# §1 primitives ---------------------------------------------------------------------
+# Primitives ---------------------------------------------------------------------
 
 
 def unit(w, eps):
@@ -68,7 +68,7 @@ def ortho_grad(y, omega):
     return (2 * omega * (m @ (m.T @ m) - m)).reshape(y.shape)
 
 
-# §2.3 SGD-G ------------------------------------------------------------------------
+# SGD-G ------------------------------------------------------------------------
 
 
 class SGDG:
@@ -96,7 +96,7 @@ class SGDG:
         return w_new
 
 
-# §2.4 Adam-G -----------------------------------------------------------------------
+# Adam-G -----------------------------------------------------------------------
 
 
 class AdamG:
@@ -128,7 +128,7 @@ class AdamG:
         return w_new
 
 
-# §2.5 Euclidean companion: TF Nesterov momentum with the L2 term in the gradient ---
+# Euclidean companion: TF Nesterov momentum with the L2 term in the gradient ---
 
 
 class NesterovSGD:

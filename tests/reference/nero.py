@@ -12,7 +12,7 @@ import numpy as np
 
 from .adamp import channel_rows, row_norms  # a neuron is a row of the channel view
 
-# ------------------------------------------------------------------- §8.2 Nero
+# ------------------------------------------------------------------- Nero
 
 
 def neuron_norm(x):

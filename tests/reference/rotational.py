@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-# ------------------------------------------------------- §8.3 rotational wrapper
+# ------------------------------------------------------- rotational wrapper
 
 
 class AdamDirection:

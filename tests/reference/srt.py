@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of the update rules of ALGORITHMS.md §3: the
+"""Float64 NumPy re-implementation of the update rules in docs/algorithms.md#adams-adamsrt-and-sgd-mrt: the
 channel groups, AdamS/AdamSRT and SGD-MRT (Roburin et al.).
 
 Written from the specification, step by step and in its order of operations, with
@@ -20,7 +20,7 @@ def dot(a, b, axes=None):
     return np.sum(a * b, axis=axes, keepdims=True)
 
 
-# §3 groups, AdamS / AdamSRT, SGD-MRT -------------------------------------------------
+# Groups, AdamS / AdamSRT, SGD-MRT -------------------------------------------------
 
 
 def reduced_axes(ndim, channel_axes):
