@@ -33,15 +33,15 @@ import os
 import shlex
 import statistics
 import sys
-import time
+import textwrap
 
 if __package__ in (None, ""):  # run as ``python experiments/cifar.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import config as config_lib  # noqa: E402 - light: no jax import
-from experiments import presets  # noqa: E402
+# Light modules only (no jax): the flags are checked before JAX is imported.
+from experiments import config as config_lib  # noqa: E402
+from experiments import console, monitor, optimizers, presets  # noqa: E402
 
-_T0 = time.time()
 TASKS = ("train", "test", "compare", "plot", "prepare")
 
 # The papers' flag names (RBN-TF train.py, SRT training.py, ENorm main.py) that
@@ -60,53 +60,7 @@ ALIASES = {
 }
 _DATA_NAMES = {"svhn": "svhn_cropped"}
 
-_LIST_KEYS = {"widths", "decay_epochs", "norm_mean", "norm_std"}
-_BOOL_KEYS = {
-    "augment",
-    "flip",
-    "nesterov",
-    "unit_init",
-    "bn_per_device",
-    "multihost",
-    "select_best",
-    "tensorboard",
-    "progress",
-}
-_INT_KEYS = {
-    "train_size",
-    "split_seed",
-    "test_size",
-    "pad",
-    "crop",
-    "convs_per_stage",
-    "n_layers",
-    "batch_size",
-    "steps",
-    "seed",
-    "num_devices",
-    "eval_batch_size",
-    "bn_recalibrate",
-    "log_every",
-    "checkpoint_every",
-    "max_to_keep",
-    "halt_after_steps",
-}
-_STR_KEYS = {
-    "dataset",
-    "data_dir",
-    "train_split",
-    "normalization",
-    "pad_mode",
-    "model",
-    "optimizer",
-    "labels",
-    "schedule",
-    "parallel",
-}
-
-
-def say(msg: str) -> None:
-    print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+say = console.status
 
 
 def _bool(text: str) -> bool:
@@ -128,20 +82,22 @@ def _number(text: str, integer: bool):
 
 
 def parse_value(key: str, text: str):
-    """A config value from its command-line text (``none`` is ``None``)."""
+    """A config value from its command-line text (``none`` is ``None``), parsed
+    as the key's kind in :data:`experiments.config.KEYS`."""
     if text.strip().lower() in ("none", "null"):
         return None
+    kind = config_lib.KEYS[key].kind
     try:
-        if key in _BOOL_KEYS:
+        if kind == "bool":
             return _bool(text)
-        if key in _LIST_KEYS:
+        if kind == "list":
             parts = [p for p in text.replace(" ", "").split(",") if p]
             return [_number(p, False) for p in parts]
-        if key in _INT_KEYS:
+        if kind == "int":
             return _number(text, True)
-        if key in _STR_KEYS:
+        if kind == "str":
             return text
-        if key == "eval_every":
+        if kind == "int|epoch":
             return text if text == "epoch" else _number(text, True)
         return _number(text, False)
     except ValueError as e:
@@ -163,18 +119,38 @@ class _Formatter(
         return super()._get_help_string(action)
 
 
+def _epilog() -> str:
+    aliases = (
+        "Aliases of the papers' flags: "
+        + ", ".join(f"--{a} (--{k})" for a, k in ALIASES.items())
+        + ", --data (--dataset), --dataloader (SRT: its preset), --model-type "
+        "(ENorm: its preset), --depth/--widen_factor (--model=resnet), "
+        "--grassmann=True (--labels=paper)."
+    )
+    rates = "\n".join(
+        textwrap.fill(line, 88, initial_indent="  ", subsequent_indent="      ")
+        for line in optimizers.learning_rate_help()
+    )
+    return (
+        "learning rates (which flag sets which parameters' rate; --schedule and\n"
+        "--warmup_epochs apply to every rate):\n"
+        + rates
+        + "\n\n"
+        + textwrap.fill(
+            "Config options: a value 'none' means derive it (dataset, optimizer "
+            "table or data). " + aliases,
+            88,
+        )
+    )
+
+
 def build_parser(
     prog: str = "python -m experiments.cifar", defaults: dict | None = None
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0],
-        epilog="Config options: a value 'none' means derive it (dataset, optimizer "
-        "table or data). Aliases of the papers' flags: "
-        + ", ".join(f"--{a} (--{k})" for a, k in ALIASES.items())
-        + ", --data (--dataset), --dataloader (SRT: its preset), --model-type "
-        "(ENorm: its preset), --depth/--widen_factor (--model=resnet), "
-        "--grassmann=True (--labels=paper).",
+        epilog=_epilog(),
         formatter_class=_Formatter,
         allow_abbrev=False,
     )
@@ -202,6 +178,14 @@ def build_parser(
     run.add_argument(
         "--n_iter", "--n-iter", type=int, default=1, help="train seeds seed..seed+N-1"
     )
+    run.add_argument(
+        "--verbosity",
+        type=int,
+        default=0,
+        choices=(-1, 0, 1, 2),
+        help="-1: warnings only; 0: progress lines; 1: also the full config, the "
+        "full manifold split and the libraries' INFO logs; 2: their DEBUG logs",
+    )
     cmp_ = p.add_argument_group("compare")
     cmp_.add_argument(
         "--optimizers", default="sgd,sgdg,adamg", help="comma-separated optimizers"
@@ -218,13 +202,14 @@ def build_parser(
     multi.add_argument("--process_id", type=int, default=None)
 
     conf = p.add_argument_group("config (every value is saved in config.json)")
-    for key, (default, text) in config_lib.KEYS.items():
+    for key, entry in config_lib.KEYS.items():
+        default, text = entry.default, entry.help
         names = [f"--{key}"]
         if "_" in key:
             names.append(f"--{key.replace('_', '-')}")
         default = (defaults or {}).get(key, default)
         shown = "derived" if default is None else json.dumps(default)
-        kw = {"nargs": "?", "const": "true"} if key in _BOOL_KEYS else {}
+        kw = {"nargs": "?", "const": "true"} if entry.kind == "bool" else {}
         conf.add_argument(
             *names,
             dest=f"cfg_{key}",
@@ -240,7 +225,9 @@ def build_parser(
             dest=f"alias_{alias}",
             default=None,
             metavar="V",
-            help=f"= --{key}",
+            help=f"= --{key}"
+            + (" (the manifold kernels of sgdg/adamg)" if key == "lr_manifold" else "")
+            + (" (not the manifold kernels of sgdg/adamg)" if key == "lr" else ""),
         )
     paper.add_argument(
         "--data",
@@ -366,10 +353,6 @@ def merge(given: dict, preset: str | None) -> dict:
 def _train(cfg: dict, args) -> dict:
     from experiments import train
 
-    if args.workdir is None:
-        raise config_lib.ConfigError("--workdir is required to train")
-    if args.n_iter < 1:
-        raise config_lib.ConfigError("--n_iter must be >= 1")
     if args.n_iter == 1:
         return train.train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
     seed0 = cfg.get("seed", 0)
@@ -408,6 +391,7 @@ def main(
         for name in presets.names():
             print(f"{name:36s} {presets.describe(name)}")
         return None
+    console.set_verbosity(args.verbosity)
     say(f"task {args.task}: resolving the config")
     try:
         given, preset = config_from_args(args)
@@ -427,15 +411,19 @@ def main(
             flush=True,
         )
         raise SystemExit(130) from None
-    except Exception as e:
-        from experiments.train import TrainingDiverged
-
-        if isinstance(e, TrainingDiverged):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        raise
+    except monitor.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if result is not None:
         print(json.dumps(result, sort_keys=True, default=str), flush=True)
+        stopped = [r for r in result.get("runs", [result]) if r.get("stopped_early")]
+        if stopped:
+            print(
+                f"error: stopped early (stop_diverged): {stopped[0]['warning']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1)
     return result
 
 
@@ -472,31 +460,65 @@ def _run(args, cfg: dict, preset: str | None):
         return train.evaluate_checkpoint(args.load, machine)
     if preset:
         say(f"preset {preset}: {presets.describe(preset)}")
-    from experiments import train  # noqa: F401 - imports jax (seconds)
-
+    # Every value is checked here, before JAX is imported (seconds): a wrong flag
+    # is reported at once.
     resolved = config_lib.resolve(cfg)
-    say("resolved config:\n" + json.dumps(resolved, indent=1, sort_keys=True))
+    say(
+        "config: "
+        + ", ".join(f"{k} {resolved[k]}" for k in _SUMMARY_KEYS if resolved.get(k))
+        + " (the rest: --verbosity=1, and config.json)"
+    )
+    say("resolved config:\n" + json.dumps(resolved, indent=1, sort_keys=True), level=1)
     if args.task == "compare":
-        from experiments import compare
-
         if args.workdir is None:
             raise config_lib.ConfigError("--workdir is required to compare")
-        grid = [float(x) for x in args.lr_grid.split(",") if x]
+        names = [x for x in args.optimizers.split(",") if x]
+        try:
+            grid = [float(x) for x in args.lr_grid.split(",") if x]
+        except ValueError:
+            raise config_lib.ConfigError(
+                f"--lr_grid must be comma-separated numbers, got {args.lr_grid!r}"
+            ) from None
+        from experiments import compare
+
+        compare.check_arguments(names, args.seeds, grid, cfg)
         return compare.compare(
             cfg,
             args.workdir,
-            optimizers=[x for x in args.optimizers.split(",") if x],
+            optimizers=names,
             seeds=args.seeds,
             lr_grid=grid,
             command=args.command,
         )
+    if args.workdir is None:
+        raise config_lib.ConfigError("--workdir is required to train")
+    if args.n_iter < 1:
+        raise config_lib.ConfigError("--n_iter must be >= 1")
+    from experiments import train  # imports jax (seconds)
+
     if resolved["multihost"]:
-        train._MULTIHOST_ARGS.update(
+        train.MULTIHOST_ARGS.update(
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
     return _train(cfg, args)
+
+
+# The values of the one-line config summary, in this order.
+_SUMMARY_KEYS = (
+    "dataset",
+    "model",
+    "optimizer",
+    "lr",
+    "lr_manifold",
+    "schedule",
+    "warmup_epochs",
+    "batch_size",
+    "steps",
+    "epochs",
+    "seed",
+)
 
 
 def _run_as_command() -> None:

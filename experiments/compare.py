@@ -9,6 +9,13 @@ the median (over seeds) test error of the runs at that learning rate, with the
 per-seed values, and the command that reproduces it. Every run is an ordinary
 workdir under ``workdir/OPTIMIZER/lrMULT/seedS`` (an interrupted comparison
 resumes where it stopped).
+
+A run that diverged (a non-finite loss, or a divergence warning of
+:mod:`experiments.monitor`: training loss still at chance after its first epoch,
+or grown 10x) is stopped there (``stop_diverged``, unless the command line sets
+it), and a multiplier with a diverged seed is never chosen: the learning rate is
+picked among the multipliers whose runs all trained, and the table names the
+diverged ones. An optimizer that diverged at every multiplier is marked so.
 """
 
 from __future__ import annotations
@@ -34,25 +41,9 @@ def compare(
 ) -> dict[str, Any]:
     from experiments import train
 
-    for name in optimizers:
-        if name not in opt_lib.OPTIMIZERS:
-            raise ConfigError(
-                f"unknown optimizer {name!r}; valid optimizers: "
-                + ", ".join(opt_lib.OPTIMIZERS)
-            )
-    if not optimizers:
-        raise ConfigError("--optimizers is empty")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    if not lr_grid or min(lr_grid) <= 0:
-        raise ConfigError(f"--lr_grid needs positive multipliers, got {lr_grid}")
-    given = sorted(k for k in opt_lib.HYPER_KEYS if cfg.get(k) is not None)
-    if given:
-        raise ConfigError(
-            "compare runs each optimizer at its default hyper-parameters times "
-            f"--lr_grid; drop {', '.join('--' + k for k in given)}"
-        )
+    check_arguments(optimizers, seeds, lr_grid, cfg)
     base = {k: v for k, v in cfg.items() if k != "optimizer"} | {"progress": False}
+    base.setdefault("stop_diverged", True)
     resolved = config_lib.resolve(base | {"optimizer": optimizers[0]})
     if not resolved["val_size"]:
         raise ConfigError(
@@ -63,29 +54,34 @@ def compare(
     rows = []
     for name in optimizers:
         entry = opt_lib.lookup(name)
+        defaults = opt_lib.resolve_hyper(name, {})
         by_mult = []
         for mult in lr_grid:
-            lrs = {"lr": entry.lr * mult}
+            lrs = {"lr": defaults["lr"] * mult}
             if entry.lr_manifold is not None:
-                lrs["lr_manifold"] = entry.lr_manifold * mult
+                lrs["lr_manifold"] = defaults["lr_manifold"] * mult
             runs = []
             for seed in range(seeds):
                 sub = os.path.join(workdir, name, f"lr{mult:g}", f"seed{seed}")
                 train.status(f"compare: {name} lr x{mult:g} seed {seed} in {sub}")
                 runs.append(
-                    train.train_and_evaluate(
-                        base | {"optimizer": name, "seed": seed} | lrs, sub
-                    )
+                    _run(train, base | {"optimizer": name, "seed": seed} | lrs, sub)
                 )
             by_mult.append(
                 {
                     "mult": mult,
                     **lrs,
-                    "val_errors": [r["val_error"] for r in runs],
-                    "test_errors": [r["test_error"] for r in runs],
+                    "val_errors": [r.get("val_error") for r in runs],
+                    "test_errors": [r.get("test_error") for r in runs],
+                    "diverged": [r.get("diverged") for r in runs],
                 }
             )
-        best = min(by_mult, key=lambda m: statistics.median(m["val_errors"]))
+        trained = [m for m in by_mult if not any(m["diverged"])]
+        best = (
+            min(trained, key=lambda m: statistics.median(m["val_errors"]))
+            if trained
+            else None
+        )
         rows.append({"optimizer": name, "grid": by_mult, "chosen": best})
 
     table = _markdown(rows, resolved, seeds, lr_grid, command)
@@ -99,18 +95,69 @@ def compare(
     return {"table": table, "compare_json": os.path.join(workdir, "compare.json")}
 
 
+def check_arguments(
+    optimizers: list[str], seeds: int, lr_grid: list[float], cfg: dict[str, Any]
+) -> None:
+    """Raises :class:`ConfigError` for a bad grid (no JAX needed)."""
+    if not optimizers:
+        raise ConfigError("--optimizers is empty")
+    for name in optimizers:
+        if name not in opt_lib.OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {name!r}; valid optimizers: "
+                + ", ".join(opt_lib.OPTIMIZERS)
+            )
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not lr_grid or min(lr_grid) <= 0:
+        raise ConfigError(f"--lr_grid needs positive multipliers, got {lr_grid}")
+    given = sorted(k for k in opt_lib.HYPER_KEYS if cfg.get(k) is not None)
+    if given:
+        raise ConfigError(
+            "compare runs each optimizer at its default hyper-parameters times "
+            f"--lr_grid; drop {', '.join('--' + k for k in given)}"
+        )
+
+
+def _run(train, cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """One run of the grid; a non-finite loss marks it diverged instead of
+    ending the comparison."""
+    try:
+        return train.train_and_evaluate(cfg, workdir)
+    except train.TrainingDiverged as e:
+        train.status(f"compare: diverged ({e})")
+        return {"diverged": "non-finite", "warning": str(e)}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def _diverged(grid: list[dict[str, Any]]) -> str:
+    """``x4 (3/3 seeds), x2 (1/3)``: the multipliers with diverged runs."""
+    parts = []
+    for m in grid:
+        n = sum(1 for d in m["diverged"] if d)
+        if n:
+            parts.append(f"x{m['mult']:g} ({n}/{len(m['diverged'])})")
+    return ", ".join(parts) or "none"
 
 
 def _markdown(rows, cfg, seeds, grid, command) -> str:
     lines = [
         f"| optimizer | lr (best on val) | median val error % | median test error % "
-        f"({seeds} seeds) | test error % per seed |",
-        "|---|---|---|---|---|",
+        f"({seeds} seeds) | test error % per seed | diverged (seeds) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         c = row["chosen"]
+        diverged = _diverged(row["grid"])
+        if c is None:
+            lines.append(
+                f"| {row['optimizer']} | diverged at every learning rate | - | - | "
+                f"- | {diverged} |"
+            )
+            continue
         lr = f"{c['lr']:g}"
         if "lr_manifold" in c:
             lr += f" / manifold {c['lr_manifold']:g}"
@@ -119,7 +166,7 @@ def _markdown(rows, cfg, seeds, grid, command) -> str:
             f"{_pct(statistics.median(c['val_errors']))} | "
             f"{_pct(statistics.median(c['test_errors']))} | "
             + ", ".join(_pct(e) for e in c["test_errors"])
-            + " |"
+            + f" | {diverged} |"
         )
     lines.append("")
     lines.append(

@@ -13,101 +13,247 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-# Every key, with its default and a help line (the CLI shows both).
-KEYS: dict[str, tuple[Any, str]] = {
+
+class Key(NamedTuple):
+    """One config key: its default, its help line, the kind of value the command
+    line parses (``str``, ``int``, ``number``, ``bool``, ``list`` of numbers,
+    ``int|epoch``), whether a resumed run may change it, and whether it is
+    compiled into the train step."""
+
+    default: Any
+    help: str
+    kind: str
+    resumable: bool = False
+    compiled: bool = True
+
+
+# The one table of config keys: default, help line (both shown by --help), the
+# kind of value the command line parses, whether a resumed run may change it
+# (it does not change what is computed: devices, paths, logging), and whether it
+# is compiled into the train step (a change builds a new one; the others, such
+# as the seed or the number of steps, reuse it within a process).
+KEYS: dict[str, Key] = {
     # ---- data
-    "dataset": ("cifar10", "digits, cifar10, cifar100, svhn_cropped or npz:PATH"),
-    "data_dir": (None, "tfds data dir (None: tfds's default)"),
-    "train_split": (None, "tfds split(s) to train on, e.g. train+extra (SVHN)"),
-    "train_size": (None, "keep the first N training examples (None: all)"),
-    "val_size": (0, "training examples held out as validation (int, or fraction)"),
-    "split_seed": (0, "seed of the validation (and digits test) split"),
-    "test_size": (None, "digits only: test examples (None: 360)"),
-    "normalization": (None, "train_stats, scale (x / 255) or fixed (norm_mean/std)"),
-    "norm_mean": (None, "fixed normalization: per-channel mean, [0, 1] units"),
-    "norm_std": (None, "fixed normalization: per-channel std, [0, 1] units"),
-    "augment": (None, "random crop + flip on device (None: dataset default)"),
-    "pad": (4, "augmentation: padding before the random crop"),
-    "pad_mode": ("reflect", "augmentation padding: reflect or zero"),
-    "crop": (None, "crop size (train random, test center; None: image size)"),
-    "flip": (True, "augmentation: random horizontal flips"),
-    # ---- model
-    "model": (None, "registered model name (None: dataset default)"),
-    "keep_prob": (None, "dropout keep probability (None: no dropout)"),
-    "bn_decay": (None, "BatchNorm running-average decay (None: the model's)"),
-    "widths": ([32, 64], "vgg-small: width of each stage"),
-    "convs_per_stage": (2, "vgg-small: convs per stage"),
-    "n_layers": (None, "enorm-fc: number of layers (None: 15)"),
-    # ---- optimization
-    "optimizer": (
-        "sgdg",
-        "sgd, sgdg, adamg, adams, adamsrt, sgdmrt, adam, adamw, adamp, sgdp, nero, "
-        "rotational-adamw or rotational-sgdm",
+    "dataset": Key(
+        "cifar10", "digits, cifar10, cifar100, svhn_cropped or npz:PATH", "str"
     ),
-    "lr": (None, "learning rate (hybrids: the Euclidean half's)"),
-    "lr_manifold": (None, "sgdg/adamg: learning rate of the manifold kernels"),
-    "momentum": (None, "momentum (sgd, sgdg, sgdmrt; the hybrids' Euclidean half)"),
-    "nesterov": (None, "Nesterov momentum for sgd and the Euclidean half"),
-    "b1": (None, "first-moment decay (Adam family)"),
-    "b2": (None, "second-moment decay (Adam family)"),
-    "eps": (None, "epsilon (Adam family)"),
-    "grad_clip": (None, "sgdg/adamg: per-unit clip of the Riemannian gradient"),
-    "omega": (None, "sgdg/adamg: orthogonality strength"),
-    "dampening": (None, "sgdp: momentum dampening"),
-    "delta": (None, "adamp/sgdp: threshold of the scale-invariance test"),
-    "wd_ratio": (None, "adamp/sgdp: weight-decay ratio where the test fires"),
-    "weight_decay": (None, "L2 on Euclidean kernels (None: 5e-4; adamw 0.01)"),
-    "manifold_decay": (None, "L2 on manifold kernels (None: 0 on the sphere)"),
-    "bias_decay": (
+    "data_dir": Key(
         None,
-        "L2 on biases (None: weight_decay if the optimizer decays all)",
+        "tfds data dir (None: tfds's default)",
+        "str",
+        resumable=True,
+        compiled=False,
     ),
-    "gamma_decay": (None, "L2 on BatchNorm scales (None: as bias_decay)"),
-    "beta_decay": (None, "L2 on BatchNorm offsets (None: as bias_decay)"),
-    "labels": ("structural", "manifold split: structural, paper or invariance"),
-    "unit_init": (None, "unit-norm manifold kernels at init (None: sgdg/adamg)"),
-    "enorm": (0.0, "ENorm asymmetric coefficient c after each step (0: off)"),
-    "batch_size": (None, "global batch size (None: dataset default)"),
-    "steps": (None, "training steps (None: from epochs)"),
-    "epochs": (None, "training epochs (None: dataset default)"),
-    "schedule": (None, "constant, piecewise (steps, strict >), multistep or linear"),
-    "decay_epochs": (None, "epochs at which the learning rate decays"),
-    "decay_factor": (None, "learning-rate decay factor (None: 0.2)"),
-    "seed": (0, "seed of init, batch order, augmentation and dropout"),
+    "train_split": Key(
+        None, "tfds split(s) to train on, e.g. train+extra (SVHN)", "str"
+    ),
+    "train_size": Key(
+        None, "keep the first N training examples (None: all)", "int", compiled=False
+    ),
+    "val_size": Key(
+        0,
+        "training examples held out as validation (int, or fraction)",
+        "number",
+        compiled=False,
+    ),
+    "split_seed": Key(
+        0, "seed of the validation (and digits test) split", "int", compiled=False
+    ),
+    "test_size": Key(
+        None, "digits only: test examples (None: 360)", "int", compiled=False
+    ),
+    "normalization": Key(
+        None, "train_stats, scale (x / 255) or fixed (norm_mean/std)", "str"
+    ),
+    "norm_mean": Key(
+        None, "fixed normalization: per-channel mean, [0, 1] units", "list"
+    ),
+    "norm_std": Key(None, "fixed normalization: per-channel std, [0, 1] units", "list"),
+    "augment": Key(
+        None, "random crop + flip on device (None: dataset default)", "bool"
+    ),
+    "pad": Key(4, "augmentation: padding before the random crop", "int"),
+    "pad_mode": Key("reflect", "augmentation padding: reflect or zero", "str"),
+    "crop": Key(None, "crop size (train random, test center; None: image size)", "int"),
+    "flip": Key(True, "augmentation: random horizontal flips", "bool"),
+    # ---- model
+    "model": Key(None, "registered model name (None: dataset default)", "str"),
+    "keep_prob": Key(None, "dropout keep probability (None: no dropout)", "number"),
+    "bn_decay": Key(
+        None,
+        "BatchNorm running-average decay (None: the recipe of digits/npz, 0.9, "
+        "else the model's)",
+        "number",
+    ),
+    "widths": Key([32, 64], "vgg-small(-gap): width of each stage", "list"),
+    "convs_per_stage": Key(2, "vgg-small(-gap): convs per stage", "int"),
+    "n_layers": Key(None, "enorm-fc: number of layers (None: 15)", "int"),
+    # ---- optimization
+    "optimizer": Key(
+        "sgdg",
+        "sgd, sgdg, adamg, adams, adamsrt, sgdmrt, adam, adamw, adamp, sgdp, "
+        "nero, rotational-adamw or rotational-sgdm",
+        "str",
+    ),
+    "lr": Key(
+        None,
+        "learning rate of every parameter, except the manifold kernels of "
+        "sgdg/adamg (--lr_manifold); see 'learning rates' below",
+        "number",
+    ),
+    "lr_manifold": Key(
+        None,
+        "sgdg/adamg only: learning rate of the manifold kernels (--lr does not "
+        "reach them)",
+        "number",
+    ),
+    "momentum": Key(
+        None, "momentum (sgd, sgdg, sgdmrt; the hybrids' Euclidean half)", "number"
+    ),
+    "nesterov": Key(None, "Nesterov momentum for sgd and the Euclidean half", "bool"),
+    "b1": Key(None, "first-moment decay (Adam family)", "number"),
+    "b2": Key(None, "second-moment decay (Adam family)", "number"),
+    "eps": Key(None, "epsilon (Adam family)", "number"),
+    "grad_clip": Key(
+        None, "sgdg/adamg: per-unit clip of the Riemannian gradient", "number"
+    ),
+    "omega": Key(None, "sgdg/adamg: orthogonality strength", "number"),
+    "dampening": Key(None, "sgdp: momentum dampening", "number"),
+    "delta": Key(None, "adamp/sgdp: threshold of the scale-invariance test", "number"),
+    "wd_ratio": Key(
+        None, "adamp/sgdp: weight-decay ratio where the test fires", "number"
+    ),
+    "weight_decay": Key(
+        None, "L2 on Euclidean kernels (None: 5e-4; adamw 0.01)", "number"
+    ),
+    "manifold_decay": Key(
+        None, "L2 on manifold kernels (None: 0 on the sphere)", "number"
+    ),
+    "bias_decay": Key(
+        None, "L2 on biases (None: weight_decay if the optimizer decays all)", "number"
+    ),
+    "gamma_decay": Key(None, "L2 on BatchNorm scales (None: as bias_decay)", "number"),
+    "beta_decay": Key(None, "L2 on BatchNorm offsets (None: as bias_decay)", "number"),
+    "labels": Key(
+        "structural", "manifold split: structural, paper or invariance", "str"
+    ),
+    "unit_init": Key(
+        None, "unit-norm manifold kernels at init (None: sgdg/adamg)", "bool"
+    ),
+    "enorm": Key(
+        0.0, "ENorm asymmetric coefficient c after each step (0: off)", "number"
+    ),
+    "batch_size": Key(None, "global batch size (None: dataset default)", "int"),
+    "steps": Key(None, "training steps (None: from epochs)", "int", compiled=False),
+    "epochs": Key(None, "training epochs (None: dataset default)", "number"),
+    "schedule": Key(
+        None,
+        "learning-rate schedule of every group: constant, piecewise (the "
+        "papers' steps, strict >), multistep, linear or cosine (to 0 at the "
+        "last step)",
+        "str",
+    ),
+    "warmup_epochs": Key(
+        None,
+        "linear learning-rate warm-up over this many epochs, on every group "
+        "(None: the dataset's recipe; 0: none)",
+        "number",
+    ),
+    "decay_epochs": Key(None, "epochs at which the learning rate decays", "list"),
+    "decay_factor": Key(None, "learning-rate decay factor (None: 0.2)", "number"),
+    "seed": Key(
+        0, "seed of init, batch order, augmentation and dropout", "int", compiled=False
+    ),
     # ---- devices
-    "parallel": ("pmap", "pmap (replicated state) or sharded (jit + NamedSharding)"),
-    "num_devices": (None, "local devices to use (None: all)"),
-    "bn_per_device": (False, "pmap: BatchNorm statistics per device (towers)"),
-    "multihost": (False, "call jax.distributed.initialize() (one process per host)"),
+    "parallel": Key(
+        "pmap",
+        "pmap (replicated state) or sharded (jit + NamedSharding)",
+        "str",
+        resumable=True,
+    ),
+    "num_devices": Key(None, "local devices to use (None: all)", "int", resumable=True),
+    "bn_per_device": Key(
+        False, "pmap: BatchNorm statistics per device (towers)", "bool"
+    ),
+    "multihost": Key(
+        False,
+        "call jax.distributed.initialize() (one process per host)",
+        "bool",
+        resumable=True,
+    ),
     # ---- evaluation and logging
-    "eval_every": (None, "steps between evaluations, or 'epoch'"),
-    "eval_batch_size": (None, "evaluation batch (None: >= 1000, divisible)"),
-    "bn_recalibrate": (0, "recompute BatchNorm statistics on N train batches"),
-    "select_best": (False, "also test the checkpoint with the best val error"),
-    "log_every": (None, "steps between metrics lines"),
-    "checkpoint_every": (None, "steps between checkpoints (multiple of log_every)"),
-    "max_to_keep": (2, "checkpoints kept"),
-    "tensorboard": (False, "also write TensorBoard scalars (tensorboardX)"),
-    "progress": (True, "tqdm progress bar"),
-    "halt_after_steps": (None, "stop after N steps of this process (testing)"),
+    "eval_every": Key(
+        None, "steps between evaluations, or 'epoch'", "int|epoch", compiled=False
+    ),
+    "eval_batch_size": Key(
+        None,
+        "evaluation batch (None: >= 1000, divisible)",
+        "int",
+        resumable=True,
+        compiled=False,
+    ),
+    "bn_recalibrate": Key(
+        0, "recompute BatchNorm statistics on N train batches", "int", compiled=False
+    ),
+    "select_best": Key(
+        False,
+        "also test the checkpoint with the best val error",
+        "bool",
+        compiled=False,
+    ),
+    "log_every": Key(None, "steps between metrics lines", "int", compiled=False),
+    "checkpoint_every": Key(
+        None, "steps between checkpoints (multiple of log_every)", "int", compiled=False
+    ),
+    "max_to_keep": Key(2, "checkpoints kept", "int", compiled=False),
+    "tensorboard": Key(
+        False,
+        "also write TensorBoard scalars (tensorboardX)",
+        "bool",
+        resumable=True,
+        compiled=False,
+    ),
+    "progress": Key(True, "tqdm progress bar", "bool", resumable=True, compiled=False),
+    "halt_after_steps": Key(
+        None,
+        "stop after N steps of this process (testing)",
+        "int",
+        resumable=True,
+        compiled=False,
+    ),
+    "stop_diverged": Key(
+        False,
+        "stop a run at its first divergence warning (training loss at or above "
+        "chance after epoch 1, or grown 10x); exit status 1",
+        "bool",
+        resumable=True,
+        compiled=False,
+    ),
 }
-DEFAULT_CONFIG = {k: v for k, (v, _) in KEYS.items()}
 
-# Keys that may change between a run and its resumption (they do not change what
-# is computed).
-RESUMABLE_KEYS = frozenset(
-    {
-        "data_dir",
-        "parallel",
-        "num_devices",
-        "multihost",
-        "eval_batch_size",
-        "tensorboard",
-        "progress",
-        "halt_after_steps",
-    }
+DEFAULT_CONFIG = {k: key.default for k, key in KEYS.items()}
+
+#: Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = frozenset(k for k, key in KEYS.items() if key.resumable)
+
+#: The keys :func:`derive` adds from the data, and whether each is compiled.
+DERIVED_COMPILED = {
+    "num_train": False,
+    "num_val": False,
+    "num_test": False,
+    "steps_per_epoch": True,
+    "decay_steps": True,
+    "warmup_steps": True,
+    "input_shape": True,
+    "num_classes": True,
+}
+
+#: Keys whose value is not part of the compiled train step.
+NOT_COMPILED = frozenset(
+    [k for k, key in KEYS.items() if not key.compiled]
+    + [k for k, compiled in DERIVED_COMPILED.items() if not compiled]
 )
 
 _CIFAR = {
@@ -136,12 +282,19 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "normalization": "scale",
         "augment": False,
     },
+    # The recipe for data without a paper preset (digits, npz): a small VGG
+    # whose classifier reads the global average of its last stage (a flattened
+    # one blew up under momentum SGD), linear warm-up over the first epoch, then
+    # cosine decay to 0 on every learning rate, and BatchNorm running averages
+    # that keep up with a short run (0.9).
     "digits": {
-        "model": "vgg-small",
+        "model": "vgg-small",  # 8x8: its classifier reads 2x2x64 values
+        "bn_decay": 0.9,
         "test_size": 360,
         "batch_size": 64,
         "steps": 300,
-        "schedule": "constant",
+        "schedule": "cosine",
+        "warmup_epochs": 1,
         "decay_epochs": [],
         "normalization": "train_stats",
         "augment": False,
@@ -150,10 +303,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 100,
     },
     "npz": {
-        "model": "vgg-small",
+        "model": "vgg-small-gap",
+        "bn_decay": 0.9,
         "batch_size": 128,
         "epochs": 10,
-        "schedule": "constant",
+        "schedule": "cosine",
+        "warmup_epochs": 1,
         "decay_epochs": [],
         "normalization": "train_stats",
         "augment": False,
@@ -342,6 +497,9 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["decay_factor"] is None:
         cfg["decay_factor"] = 0.2
     _num(cfg, "decay_factor", lo=0, lo_open=True)
+    if cfg["warmup_epochs"] is None:
+        cfg["warmup_epochs"] = 0
+    _num(cfg, "warmup_epochs", lo=0)
     if cfg["schedule"] == "linear" and cfg["epochs"] is None:
         raise ConfigError("the linear schedule needs epochs")
     _num(cfg, "seed", lo=0, integer=True)
@@ -372,7 +530,14 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     # devices
     _choice(cfg, "parallel", PARALLEL_MODES)
     _opt_num(cfg, "num_devices", lo=1, integer=True)
-    for key in ("bn_per_device", "multihost", "select_best", "tensorboard", "progress"):
+    for key in (
+        "bn_per_device",
+        "multihost",
+        "select_best",
+        "tensorboard",
+        "progress",
+        "stop_diverged",
+    ):
         _bool(cfg, key)
     if cfg["bn_per_device"] and cfg["parallel"] != "pmap":
         raise ConfigError("bn_per_device needs parallel=pmap")
@@ -399,7 +564,8 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def derive(cfg: dict[str, Any], *, n_train: int, image_shape) -> dict[str, Any]:
     """Adds the values that need the data: ``steps_per_epoch``, ``steps``,
-    ``decay_steps`` (RBN: ``floor(epoch * N / batch)``), ``eval_every`` for
+    ``decay_steps`` (RBN: ``floor(epoch * N / batch)``), ``warmup_steps``
+    (``warmup_epochs`` rounded to steps, at most ``steps``), ``eval_every`` for
     ``'epoch'``, the model input shape."""
     cfg = dict(cfg)
     batch = cfg["batch_size"]
@@ -411,6 +577,7 @@ def derive(cfg: dict[str, Any], *, n_train: int, image_shape) -> dict[str, Any]:
     if cfg["steps"] is None:
         cfg["steps"] = max(1, math.floor(cfg["epochs"] * n_train / batch))
     cfg["decay_steps"] = [math.floor(e * n_train / batch) for e in cfg["decay_epochs"]]
+    cfg["warmup_steps"] = min(round(cfg["warmup_epochs"] * spe), cfg["steps"])
     if cfg["eval_every"] == "epoch":
         cfg["eval_every"] = spe
     h, w, c = image_shape
@@ -430,7 +597,50 @@ def derive(cfg: dict[str, Any], *, n_train: int, image_shape) -> dict[str, Any]:
     return cfg
 
 
+#: Keys added to the runner after runs were saved without them: a saved config
+#: that lacks one ran with this value.
+ABSENT_MEANS: dict[str, Any] = {"warmup_epochs": 0, "warmup_steps": 0}
+
+#: Keys a rerun may raise to extend a finished (or running) run: it resumes from
+#: its latest checkpoint and trains on to the new length.
+EXTENDABLE_KEYS = frozenset({"steps", "epochs", "warmup_steps"})
+
+
 def differing_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ (ignoring :data:`RESUMABLE_KEYS`)."""
     keys = (set(saved) | set(new)) - RESUMABLE_KEYS
-    return sorted(k for k in keys if saved.get(k, "<absent>") != new.get(k, "<absent>"))
+
+    def value(cfg, k):
+        return cfg.get(k, ABSENT_MEANS.get(k, "<absent>"))
+
+    return sorted(k for k in keys if value(saved, k) != value(new, k))
+
+
+def extension(saved: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """Whether ``new`` only lengthens the run of ``saved``: ``None`` if some other
+    key differs (or nothing does), else a line saying what is extended.
+
+    Raises:
+      ConfigError: a shorter run (it cannot be made from a longer one).
+    """
+    diff = differing_keys(saved, new)
+    if not diff or not set(diff) <= EXTENDABLE_KEYS or "steps" not in diff:
+        return None
+    if new["steps"] < saved["steps"]:
+        raise ConfigError(
+            f"steps {new['steps']} < the {saved['steps']} steps of the run in the "
+            "workdir: a run can be extended, not shortened; pass --overwrite to "
+            "start afresh, or use another --workdir"
+        )
+    line = f"extending the run from {saved['steps']} to {new['steps']} steps"
+    if "warmup_steps" in diff:
+        line += (
+            f" (its warm-up, capped at the run's length, goes from "
+            f"{saved.get('warmup_steps', 0)} to {new['warmup_steps']} steps)"
+        )
+    if new.get("schedule") in ("cosine", "linear"):
+        line += (
+            f" (its {new['schedule']} schedule is stretched to the new length: "
+            "the learning rate goes up from where it ended)"
+        )
+    return line

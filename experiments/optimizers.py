@@ -48,7 +48,11 @@ Schedules (:func:`make_schedule`) reproduce the three papers: ``"piecewise"``
 0-based update count), ``"multistep"`` (Roburin et al.: PyTorch ``MultiStepLR``
 stepped once per epoch, ``lr * factor ** #{m in decay_epochs: epoch >= m}``),
 ``"linear"`` (Stock et al.: ``lr * (E - epoch) / E`` set at the start of each
-epoch) and ``"constant"``.
+epoch) and ``"constant"``; ``"cosine"`` (:func:`optax.cosine_decay_schedule` to 0
+at the end of the run) is the recipe for data without a paper preset. A linear
+warm-up (``warmup_steps``) multiplies any of them. Every learning rate of an
+optimizer follows the same schedule: both halves of a hybrid, the manifold and
+the Euclidean one alike.
 """
 
 from __future__ import annotations
@@ -56,13 +60,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import optax
+if TYPE_CHECKING:
+    import optax
 
-import riemax
+# jax, optax and riemax are imported where a transformation or a schedule is
+# built: the table itself is read by the config checks, which run before JAX is
+# loaded (a wrong flag is reported at once).
 
 # --------------------------------------------------------------------------------------
 # Factories (the main group's transformation)
@@ -70,37 +75,52 @@ import riemax
 
 
 def _sgd(learning_rate, *, momentum, nesterov):
+    import optax
+
     return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
 
 
 def _sgdg(learning_rate, *, momentum, grad_clip, omega):
+    import riemax
+
     return riemax.sgdg(
         learning_rate, momentum=momentum, grad_clip=grad_clip, omega=omega
     )
 
 
 def _adamg(learning_rate, *, b1, b2, eps, grad_clip, omega):
+    import riemax
+
     return riemax.adamg(
         learning_rate, b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega
     )
 
 
 def _adams(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    import riemax
+
     # weight_decay=0: the coupled L2 is applied per group in front (same chain).
     return riemax.adams(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
 
 
 def _adamsrt(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    import riemax
+
     return riemax.adamsrt(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
 
 
 def _sgdmrt(learning_rate, *, momentum, channel_axes=(-1,)):
+    import riemax
+
     return riemax.sgdmrt(learning_rate, momentum, 0.0, channel_axes=channel_axes)
 
 
 def _by_decay(decay, make):
     """``make(weight_decay)`` for a per-leaf decay tree: one transformation where
     every leaf has the same decay, else one per value (``optax.partition``)."""
+    import jax
+    import optax
+
     values = sorted(set(jax.tree.leaves(decay)))
     if len(values) <= 1:
         return make(values[0] if values else 0.0)
@@ -109,6 +129,8 @@ def _by_decay(decay, make):
 
 
 def _adamp(learning_rate, *, b1, b2, eps, delta, wd_ratio, nesterov, decay):
+    import riemax
+
     # AdamP decays inside its step (scaled by wd_ratio where it projects).
     return _by_decay(
         decay,
@@ -119,6 +141,8 @@ def _adamp(learning_rate, *, b1, b2, eps, delta, wd_ratio, nesterov, decay):
 
 
 def _sgdp(learning_rate, *, momentum, dampening, nesterov, eps, delta, wd_ratio, decay):
+    import riemax
+
     return _by_decay(
         decay,
         lambda wd: riemax.sgdp(
@@ -128,15 +152,25 @@ def _sgdp(learning_rate, *, momentum, dampening, nesterov, eps, delta, wd_ratio,
 
 
 def _nero(learning_rate, *, b2):
+    import riemax
+
     return riemax.nero(learning_rate, b2)
 
 
 def _rotational_adamw(learning_rate, *, b1, b2, eps, weight_decay):
+    import optax
+
+    import riemax
+
     rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay, b1=b1, b2=b2)
     return riemax.rotational(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rate)
 
 
 def _rotational_sgdm(learning_rate, *, momentum, weight_decay):
+    import optax
+
+    import riemax
+
     rate = riemax.equilibrium_rate(
         "sgdm", learning_rate, weight_decay, momentum=momentum
     )
@@ -144,15 +178,28 @@ def _rotational_sgdm(learning_rate, *, momentum, weight_decay):
 
 
 def _nero_project(params, labels):
+    import riemax
+
     del labels
     return riemax.nero_project(params)
 
 
+def _center_units(params, labels):
+    import riemax
+
+    del labels
+    return riemax.center_units(params)
+
+
 def _adam(learning_rate, *, b1, b2, eps):
+    import optax
+
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def _adamw(learning_rate, *, b1, b2, eps, decay):
+    import optax
+
     # optax.adamw's chain with a per-leaf decay (PyTorch AdamW: decoupled).
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -332,7 +379,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             companion="adamw",
             decay="decoupled",
             fixed_norm=True,
-            init_params=riemax.center_units,
+            init_params=_center_units,
             paper_labels="ndim",
             description="AdamW's direction rotating the manifold kernels at the "
             "equilibrium rate, AdamW elsewhere (Kosson et al. 2024, ResNet-20)",
@@ -344,7 +391,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             lr=0.5,
             companion="sgdm",
             fixed_norm=True,
-            init_params=riemax.center_units,
+            init_params=_center_units,
             paper_labels="ndim",
             description="momentum SGD's direction rotating the manifold kernels at "
             "the equilibrium rate, momentum SGD elsewhere (Kosson et al. 2024)",
@@ -372,6 +419,28 @@ def lookup(name: str) -> OptimizerEntry:
             f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
         )
     return OPTIMIZERS[name]
+
+
+_WHO_GETS_LR = {
+    "none": "--lr: every parameter",
+    "nesterov_sgd": "--lr (--learnRate): the Euclidean half only (Nesterov SGD on "
+    "biases, BatchNorm, classifier and kernels off the manifold); --lr_manifold "
+    "(--learnRateG): the manifold kernels",
+    "elementwise": "--lr: both halves (per unit on the manifold kernels, element "
+    "by element elsewhere)",
+    "adamw": "--lr: both halves (AdamW off the manifold; the manifold kernels "
+    "turn at the equilibrium rate of --lr and --weight_decay)",
+    "sgdm": "--lr: both halves (momentum SGD off the manifold; the manifold "
+    "kernels turn at the equilibrium rate of --lr and --weight_decay)",
+}
+
+
+def learning_rate_help() -> list[str]:
+    """Which flag sets which learning rate, one line per kind of optimizer."""
+    by_kind: dict[str, list[str]] = {}
+    for entry in OPTIMIZERS.values():
+        by_kind.setdefault(entry.companion, []).append(entry.name)
+    return [f"{', '.join(names)}: {_WHO_GETS_LR[k]}" for k, names in by_kind.items()]
 
 
 def resolve_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -403,6 +472,9 @@ def param_groups(params: Any, labels: Any, batchnorm_paths: set[str]) -> Any:
     """The weight-decay group of every leaf: ``manifold`` (manifold kernels),
     ``kernel`` (other leaves of rank >= 2), ``gamma``/``beta`` (scale/bias of a
     module whose ``/``-joined path is in ``batchnorm_paths``), ``bias`` (the rest)."""
+    import jax
+
+    import riemax
 
     def one(path, leaf, label):
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
@@ -420,12 +492,16 @@ def param_groups(params: Any, labels: Any, batchnorm_paths: set[str]) -> Any:
 
 def decay_tree(groups: Any, decays: Mapping[str, float]) -> Any:
     """Per-leaf decay coefficients (Python floats) from per-group values."""
+    import jax
+
     return jax.tree.map(lambda g: float(decays[g]), groups)
 
 
 def add_decay(decay: Any) -> optax.GradientTransformation:
     """``g + decay * w`` leaf by leaf, ``decay`` a tree of Python floats (static;
     leaves with 0 are passed through)."""
+    import jax
+    import optax
 
     def init_fn(params):
         del params
@@ -451,7 +527,9 @@ def add_decay(decay: Any) -> optax.GradientTransformation:
 # Schedules
 # --------------------------------------------------------------------------------------
 
-SCHEDULES = ("constant", "piecewise", "multistep", "linear")
+SCHEDULES = ("constant", "piecewise", "multistep", "linear", "cosine")
+#: Schedules whose shape depends on the length of the run (``steps``).
+LENGTH_DEPENDENT = ("cosine",)
 
 
 def make_schedule(
@@ -463,39 +541,70 @@ def make_schedule(
     decay_factor: float = 0.1,
     steps_per_epoch: int = 1,
     epochs: int | None = None,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
 ) -> optax.Schedule:
-    """The learning rate as a function of the 0-based update count (see the module
-    docstring for the four kinds)."""
+    """The learning rate as a function of the 0-based update count.
+
+    ``kind`` is one of :data:`SCHEDULES`: the papers' ``"piecewise"``,
+    ``"multistep"`` and ``"linear"`` (see the module docstring), ``"constant"``,
+    or ``"cosine"``: :func:`optax.cosine_decay_schedule` from ``base`` down to 0
+    over the ``total_steps - warmup_steps`` updates after the warm-up.
+
+    With ``warmup_steps = W > 1`` the schedule is multiplied by a linear ramp
+    (:func:`optax.linear_schedule`) from ``1/W`` at update 0 to 1 at update
+    ``W - 1``; the papers' decay points stay where they were.
+    """
+    import jax.numpy as jnp
+    import optax
+
     if kind == "constant":
-        return lambda count: jnp.asarray(base, jnp.float32) + 0 * count
-    if kind == "piecewise":
+
+        def schedule(count):
+            return jnp.asarray(base, jnp.float32) + 0 * count
+
+    elif kind == "piecewise":
         bounds = jnp.asarray(decay_steps or [2**31 - 1], jnp.int32)
 
-        def piecewise(count):
+        def schedule(count):
             n = jnp.sum(jnp.asarray(count, jnp.int32) > bounds) if decay_steps else 0
             return base * jnp.asarray(decay_factor, jnp.float32) ** n
 
-        return piecewise
-    if kind == "multistep":
+    elif kind == "multistep":
         milestones = jnp.asarray(decay_epochs or [2**31 - 1], jnp.float32)
 
-        def multistep(count):
+        def schedule(count):
             epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
             n = jnp.sum(epoch >= milestones) if decay_epochs else 0
             return base * jnp.asarray(decay_factor, jnp.float32) ** n
 
-        return multistep
-    if kind == "linear":
+    elif kind == "linear":
         if not epochs:
             raise ValueError("the linear schedule needs epochs")
 
-        def linear(count):
+        def schedule(count):
             epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
             frac = jnp.maximum(epochs - epoch, 0).astype(jnp.float32) / epochs
             return base * frac
 
-        return linear
-    raise ValueError(f"unknown schedule {kind!r}; valid schedules: {SCHEDULES}")
+    elif kind == "cosine":
+        if not total_steps:
+            raise ValueError("the cosine schedule needs total_steps")
+        cosine = optax.cosine_decay_schedule(base, max(total_steps - warmup_steps, 1))
+
+        def schedule(count):
+            return cosine(jnp.maximum(jnp.asarray(count, jnp.int32) - warmup_steps, 0))
+
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; valid schedules: {SCHEDULES}")
+    if warmup_steps <= 1:
+        return schedule
+    ramp = optax.linear_schedule(1.0 / warmup_steps, 1.0, warmup_steps - 1)
+
+    def warmed_up(count):
+        return schedule(count) * ramp(count)
+
+    return warmed_up
 
 
 # --------------------------------------------------------------------------------------
@@ -518,11 +627,18 @@ def build(
       hyper: Every key of the entry's ``config_keys``.
       labels: ``"manifold"``/``"euclidean"`` tree (or label function).
       schedule: Turns a base learning rate into a schedule (default: constant).
+        It is applied to every learning rate of the optimizer: ``lr`` and, for
+        the hybrids with two rates, ``lr_manifold``.
       decay: Per-leaf decay tree (:func:`decay_tree`), or ``None`` for none.
 
     Returns:
       A :class:`optax.GradientTransformation`.
     """
+    import jax
+    import optax
+
+    import riemax
+
     entry = lookup(name)
     fargs = {k: hyper[k] for k in entry.hyper}
     has_decay = decay is not None and any(d != 0 for d in jax.tree.leaves(decay))

@@ -1,8 +1,10 @@
 """Train loss and test error of several runs in one figure (``--task=plot``).
 
 Reads each run's ``metrics.jsonl`` (and ``config.json`` for the legend) and draws
-the training loss (log scale) and the test error against epochs, one line per
-run, like the papers' figures.
+the training loss (log scale) and the test error in % (linear scale; the
+validation error dashed, where the run has a validation split) against epochs,
+one colour per run, each line labelled with the run's folder, optimizer,
+learning rate(s) and seed, like the papers' figures.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ def _x(rows: list[dict[str, Any]]) -> list[float]:
     return [r.get("epoch", r["step"]) for r in rows]
 
 
+def label(run: str, cfg: dict[str, Any]) -> str:
+    """``folder (optimizer, lr 0.01 / manifold 0.2, seed 0)`` from a run's config."""
+    name = os.path.basename(os.path.normpath(run))
+    parts = []
+    if cfg.get("optimizer"):
+        parts.append(cfg["optimizer"])
+    if cfg.get("lr") is not None:
+        lr = f"lr {cfg['lr']:g}"
+        if cfg.get("lr_manifold") is not None:
+            lr += f" / manifold {cfg['lr_manifold']:g}"
+        parts.append(lr)
+    if cfg.get("seed") is not None:
+        parts.append(f"seed {cfg['seed']}")
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def plot_runs(runs: list[str], out: str) -> str:
     """Draws the runs into ``out`` (PNG) and returns its path."""
     loaded = [(run, *_read(run)) for run in runs]
@@ -41,16 +59,29 @@ def plot_runs(runs: list[str], out: str) -> str:
 
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     for run, records, cfg in loaded:
-        label = os.path.basename(os.path.normpath(run))
-        if cfg.get("optimizer"):
-            label += f" ({cfg['optimizer']})"
-
+        name = label(run, cfg)
         train = [r for r in records if r.get("split") == "train"]
         test = [r for r in records if r.get("split") == "test"]
-        ax_loss.plot(_x(train), [r["loss"] for r in train], label=label)
-        ax_err.plot(_x(test), [100 * r["error"] for r in test], marker=".", label=label)
+        val = [r for r in records if r.get("split") == "val"]
+        (line,) = ax_loss.plot(_x(train), [r["loss"] for r in train], label=name)
+        color = line.get_color()
+        ax_err.plot(
+            _x(test),
+            [100 * r["error"] for r in test],
+            marker=".",
+            color=color,
+            label=f"{name}: test",
+        )
+        if val:
+            ax_err.plot(
+                _x(val),
+                [100 * r["error"] for r in val],
+                ls="--",
+                color=color,
+                label=f"{name}: validation",
+            )
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    ax_err.set(xlabel="epoch", ylabel="test error (%)")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", yscale="linear")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

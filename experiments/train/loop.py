@@ -1,0 +1,458 @@
+"""The training loop: :func:`train_and_evaluate` (see the package docstring)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import riemax
+from experiments import config as config_lib
+from experiments import console, monitor
+from experiments import data as data_lib
+from experiments.train.checkpoints import (
+    BEST,
+    check_workdir,
+    manager,
+    restore_latest,
+)
+from experiments.train.devices import Devices, init_multihost
+from experiments.train.metrics import (
+    MetricsWriter,
+    read_metrics,
+    truncate_metrics,
+    write_json,
+)
+from experiments.train.steps import Trainer, build_trainer, cross_entropy
+
+TrainingDiverged = monitor.TrainingDiverged
+status = console.status  # one clock for the whole runner (experiments.console)
+
+
+def load_data(cfg: dict[str, Any]) -> tuple[data_lib.Dataset, tuple[list, list]]:
+    """The config's splits and its normalization (mean, std in pixel units)."""
+    where = cfg["dataset"]
+    status(f"loading data: {where}")
+    dataset = data_lib.load(
+        cfg["dataset"],
+        data_dir=cfg["data_dir"],
+        train_split=cfg["train_split"] or "train",
+        split_seed=cfg["split_seed"],
+        test_size=cfg["test_size"] or 360,
+        log=status,
+    )
+    val = cfg["val_size"]
+    if 0 < val < 1:
+        val = int(math.floor(val * len(dataset.y_train)))
+    dataset = data_lib.carve(
+        dataset,
+        val_size=val,
+        train_size=cfg["train_size"],
+        split_seed=cfg["split_seed"],
+    )
+    channels = dataset.image_shape[-1]
+    if cfg["normalization"] == "train_stats":
+        mean, std = data_lib.channel_stats(dataset.x_train)
+        std = [s if s > 0 else 1.0 for s in std]
+    elif cfg["normalization"] == "scale":
+        mean, std = [0.0] * channels, [dataset.pixel_max] * channels
+    else:
+        scale = dataset.pixel_max
+        mean = [m * scale for m in cfg["norm_mean"]] * (
+            channels // len(cfg["norm_mean"])
+        )
+        std = [s * scale for s in cfg["norm_std"]] * (channels // len(cfg["norm_std"]))
+    return dataset, (mean, std)
+
+
+def prepare_run(config: dict[str, Any]) -> tuple[dict, data_lib.Dataset, Trainer]:
+    """Resolves the config, loads the data and builds the trainer; raises
+    :class:`ConfigError` / :class:`experiments.data.DataError` on bad input."""
+    cfg = config_lib.resolve(config)
+    if cfg["multihost"]:
+        init_multihost()
+    dataset, norm = load_data(cfg)
+    cfg = config_lib.derive(
+        cfg, n_train=len(dataset.y_train), image_shape=dataset.image_shape
+    )
+    cfg["num_classes"] = dataset.num_classes
+    cfg["num_val"] = 0 if dataset.y_val is None else len(dataset.y_val)
+    cfg["num_test"] = len(dataset.y_test)
+    dev = Devices(cfg["parallel"], cfg["num_devices"])
+    dev.check_divides(cfg["batch_size"], "batch_size")
+    if cfg["eval_batch_size"] is None:
+        n_eval = max(cfg["num_test"], cfg["num_val"])
+        cfg["eval_batch_size"] = (
+            math.ceil(min(1000, n_eval) / dev.n_global) * dev.n_global
+        )
+    dev.check_divides(cfg["eval_batch_size"], "eval_batch_size")
+    status(
+        f"data: {cfg['num_train']} train / {cfg['num_val']} val / {cfg['num_test']} "
+        f"test images {tuple(dataset.image_shape)}, {cfg['num_classes']} classes; "
+        f"{cfg['steps']} steps of {cfg['batch_size']} ({cfg['steps_per_epoch']} per "
+        f"epoch); {dev.describe()}"
+    )
+    status(f"building {cfg['model']} and the {cfg['optimizer']} optimizer")
+    trainer = build_trainer(cfg, norm)
+    return cfg, dataset, trainer
+
+
+def _to_float(tree: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in tree.items()}
+
+
+def train_and_evaluate(
+    config: dict[str, Any], workdir: str, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Trains one config in ``workdir`` (resuming from its latest checkpoint).
+
+    Args:
+      config: Overrides of :data:`experiments.config.DEFAULT_CONFIG`.
+      workdir: Output directory: ``config.json``, ``labels.txt``,
+        ``metrics.jsonl``, ``result.json``, ``checkpoints/``.
+      overwrite: Remove this runner's outputs from ``workdir`` first.
+
+    Returns:
+      ``step``, ``resumed_from``, ``halted`` and, for a finished run,
+      ``test_loss``, ``test_error``, ``train_loss``, ``train_error`` (the last
+      logged window), ``val_error`` (with a validation split), ``best_step``,
+      ``best_val_error``, ``best_test_error`` (with ``select_best``),
+      ``wall_time_s``, ``first_step_s``, ``images_per_s``.
+
+    Raises:
+      ConfigError, experiments.data.DataError: bad input, before the workdir is
+        touched.
+      TrainingDiverged: the loss became non-finite.
+    """
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    t_start = time.time()
+    cfg, dataset, trainer = prepare_run(config)
+    check_workdir(workdir, cfg, overwrite)
+
+    # Labels measured on data need the initial parameters.
+    if trainer.labels is None:
+        status("measuring the manifold split on the first batch (labels=invariance)")
+        _invariance_labels(trainer, dataset)
+    host_state = trainer.init_host_state()
+    report = riemax.label_report(
+        host_state["params"], trainer.labels, details=trainer.why
+    )
+    summary = [x for x in report.splitlines() if x.startswith(("manifold:", "eucl"))]
+    status(
+        f"manifold split ({cfg['labels']} labels; labels.txt): " + "; ".join(summary)
+    )
+    status("manifold split in full:\n" + report, level=1)
+
+    # ---- touch the workdir
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), cfg)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "labels.txt"), "w") as f:
+            f.write(report + "\n")
+    target = {"state": host_state, "best": np.array([np.inf, -1.0])}
+    mngr, resumed_from, restored = restore_latest(workdir, target, cfg["max_to_keep"])
+    if restored is not None:
+        host_state, best = restored["state"], restored["best"]
+        status(f"resumed from checkpoint {resumed_from}")
+    else:
+        best = target["best"]
+    best_error, best_step = float(best[0]), int(best[1])
+    start = int(host_state["step"])
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    truncate_metrics(metrics_path, start)
+    best_mngr = (
+        manager(os.path.join(workdir, BEST), None) if cfg["select_best"] else None
+    )
+    if best_mngr is not None:
+        for s in best_mngr.all_steps():
+            if s != best_step:
+                best_mngr.delete(s)
+
+    dev = trainer.dev
+    state = dev.put_state(host_state)
+    writer = MetricsWriter(workdir, cfg["tensorboard"])
+    order = data_lib.BatchOrder(len(dataset.y_train), cfg["batch_size"], cfg["seed"])
+    total = cfg["steps"]
+    halt_at = (
+        None if cfg["halt_after_steps"] is None else start + cfg["halt_after_steps"]
+    )
+    spe = cfg["steps_per_epoch"]
+
+    def produce(step):
+        idx = order(step)[dev.rows(cfg["batch_size"])]
+        return dev.put_batch(dataset.x_train[idx], dataset.y_train[idx])
+
+    evaluated: dict[int, dict[str, dict[str, float]]] = {}
+
+    def evaluate_now(step):
+        if step in evaluated:
+            return evaluated[step]
+        params, stats = state["params"], state["batch_stats"]
+        if cfg["bn_recalibrate"]:
+            stats = trainer.recalibrated_stats(params, stats, dataset.x_train, step)
+        out = {"test": trainer.evaluate(params, stats, dataset.x_test, dataset.y_test)}
+        if dataset.y_val is not None:
+            out["val"] = trainer.evaluate(params, stats, dataset.x_val, dataset.y_val)
+        evaluated.clear()
+        evaluated[step] = out
+        return out
+
+    def save(step):
+        tree = {"state": dev.get(state), "best": np.array([best_error, best_step])}
+        mngr.save(step, args=ocp.args.StandardSave(tree))
+        if best_mngr is not None:
+            for s in best_mngr.all_steps():
+                if s < best_step:
+                    best_mngr.delete(s)
+
+    watch = monitor.LossWatch(cfg["num_classes"], spe)
+    if start and os.path.exists(metrics_path):
+        watch.restore(r for r in read_metrics(workdir) if r["step"] <= start)
+
+    # One display: the bar (on a terminal) counts steps and shows the loss; every
+    # line carries the runner's clock (experiments.console), none of the bar's.
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        disable=None if cfg["progress"] and console.verbosity() >= 0 else True,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{rate_fmt}{postfix}]",
+    )
+
+    def say(msg, warning=False):
+        if bar.disable:
+            (console.warn if warning else status)(msg)
+        elif jax.process_index() == 0:
+            line = console.line(f"WARNING: {msg}" if warning else msg)
+            bar.write(line, file=sys.stderr)
+
+    window: list[dict[str, jax.Array]] = []
+    last_train: dict[str, float] = {}
+    first_step_s = None
+    t_window = time.time()
+    steps_in_window = 0
+    images_per_s = None
+    step = start
+    halted = stopped = False
+    if cfg["stop_diverged"] and watch.diverged is not None:
+        stopped, total = True, start  # resumed after stopping: stop again
+        say(f"{watch.diverged.message} (stopped, stop_diverged)", warning=True)
+    batches = data_lib.prefetch(produce, range(start, total))
+    try:
+        if start < total:
+            status("compiling the train step (runs with the first step)")
+        for step in range(start + 1, total + 1):
+            if halt_at is not None and step - 1 >= halt_at:
+                halted = True
+                step -= 1
+                break
+            xb, yb = next(batches)
+            t_step = time.time()
+            state, metrics = trainer.train_step(state, xb, yb)
+            if first_step_s is None:
+                jax.block_until_ready(metrics)
+                first_step_s = time.time() - t_start
+                took = time.time() - t_step
+                say(
+                    f"first step done: compiled and run in {took:.1f}s, "
+                    f"{first_step_s:.1f}s after this run started; training"
+                )
+                t_window, steps_in_window = time.time(), 0
+            else:
+                steps_in_window += 1
+            window.append(metrics)
+            final = step == total
+            if step % cfg["log_every"] == 0 or final:
+                host = dev.get(window)
+                losses = [float(m["loss"]) for m in host]
+                bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+                if bad:
+                    at = step - len(host) + 1 + bad[0]
+                    raise TrainingDiverged(
+                        f"the training loss became {losses[bad[0]]} at step {at} "
+                        f"(lr {float(host[bad[0]]['lr']):.3g}); lower the learning "
+                        "rate(s) or check the data. The last checkpoint is kept."
+                    )
+                elapsed = time.time() - t_window
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": step / spe,
+                    "split": "train",
+                    "loss": float(np.mean(losses)),
+                    "error": float(np.mean([m["error"] for m in host])),
+                }
+                record |= {
+                    k: float(v)
+                    for k, v in host[-1].items()
+                    if k not in ("loss", "error")
+                }
+                if steps_in_window:
+                    step_time = elapsed / steps_in_window
+                    images_per_s = cfg["batch_size"] / step_time
+                    record |= {"step_time_s": step_time, "images_per_s": images_per_s}
+                writer.write(record)
+                last_train = record
+                bar.update(step - bar.n)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    img_s=f"{images_per_s:.0f}" if images_per_s else "-",
+                )
+                if bar.disable:
+                    say(
+                        f"step {step}/{total} train loss {record['loss']:.4f} "
+                        f"error {record['error']:.4f}"
+                        + (f" ({images_per_s:.0f} img/s)" if images_per_s else "")
+                    )
+                window, t_window, steps_in_window = [], time.time(), 0
+                recent = float(np.mean(losses[-spe:]))
+                for alert in watch.check(step, record["loss"], recent):
+                    writer.write(alert.record(spe))
+                    say(alert.message, warning=True)
+                if cfg["stop_diverged"] and watch.diverged is not None:
+                    stopped = final = True
+                    say(f"stopping at step {step} (stop_diverged)")
+            if step % cfg["eval_every"] == 0 or final:
+                results = evaluate_now(step)
+                for split, m in results.items():
+                    writer.write(
+                        {"step": step, "epoch": step / spe, "split": split, **m}
+                    )
+                    loss, err = m["loss"], m["error"]
+                    say(f"step {step} {split} loss {loss:.4f} error {err:.4f}")
+                if best_mngr is not None and results["val"]["error"] < best_error:
+                    best_error, best_step = results["val"]["error"], step
+                    for s in best_mngr.all_steps():
+                        if s >= step:
+                            best_mngr.delete(s)
+                    best_mngr.save(step, args=ocp.args.StandardSave(dev.get(state)))
+                t_window = time.time()
+            if step % cfg["checkpoint_every"] == 0 or final:
+                save(step)
+            if stopped:
+                break
+        else:
+            step = max(start, total)
+    finally:
+        batches.close()
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        if best_mngr is not None:
+            best_mngr.wait_until_finished()
+
+    result: dict[str, Any] = {
+        "step": step,
+        "resumed_from": resumed_from,
+        "halted": halted,
+    }
+    if watch.diverged is not None:
+        result |= {
+            "diverged": watch.diverged.kind,
+            "diverged_at": watch.diverged.step,
+            "warning": watch.diverged.message,
+            "stopped_early": stopped,
+        }
+    if halted:
+        writer.close()
+        return result
+    test = evaluate_now(step)
+    result |= {
+        "test_loss": test["test"]["loss"],
+        "test_error": test["test"]["error"],
+        "wall_time_s": time.time() - t_start,
+        "first_step_s": first_step_s,
+        "images_per_s": images_per_s,
+    }
+    if "val" in test:
+        result["val_error"] = test["val"]["error"]
+    if last_train:
+        result["train_loss"] = last_train["loss"]
+        result["train_error"] = last_train["error"]
+    if best_mngr is not None and best_step >= 0:
+        best_state = best_mngr.restore(
+            best_step, args=ocp.args.StandardRestore(host_state)
+        )
+        best_dev = dev.put_state(best_state)
+        m = trainer.evaluate(
+            best_dev["params"], best_dev["batch_stats"], dataset.x_test, dataset.y_test
+        )
+        result |= {
+            "best_step": best_step,
+            "best_val_error": best_error,
+            "best_test_error": m["error"],
+        }
+        records = read_metrics(workdir) if jax.process_index() == 0 else []
+        if not any(r["split"] == "test_best" for r in records):
+            writer.write(
+                {
+                    "step": step,
+                    "epoch": step / spe,
+                    "split": "test_best",
+                    "best_step": best_step,
+                    **m,
+                }
+            )
+    if best_mngr is not None:
+        best_mngr.close()
+    writer.close()
+    write_json(os.path.join(workdir, "result.json"), result)
+    status(
+        f"{'stopped' if stopped else 'done'}: step {step}, test error "
+        f"{result['test_error']:.4f}; "
+        + (
+            f"first step {first_step_s:.1f}s after the start, "
+            if first_step_s is not None
+            else "no step left to train, "
+        )
+        + f"{result['wall_time_s']:.0f}s in all"
+        + (
+            f", best-val test error {result['best_test_error']:.4f}"
+            if "best_test_error" in result
+            else ""
+        )
+        + (
+            f"; DIVERGED ({watch.diverged.kind}, step {watch.diverged.step})"
+            if watch.diverged is not None
+            else ""
+        )
+    )
+    return result
+
+
+def _invariance_labels(trainer: Trainer, dataset: data_lib.Dataset) -> None:
+    cfg = trainer.cfg
+    # The params only need the model's own init for the measurement.
+    graphdef = trainer.graphdef
+
+    @jax.jit
+    def init(seed):
+        model = trainer.build(jax.random.key(seed))
+        _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    params, stats = init(jnp.asarray(cfg["seed"], jnp.int32))
+    idx = data_lib.BatchOrder(len(dataset.y_train), cfg["batch_size"], cfg["seed"])(0)
+    x = trainer.preprocess(jnp.asarray(dataset.x_train[idx]), None, False)
+    y = jnp.asarray(dataset.y_train[idx])
+
+    def loss_fn(p, batch):
+        net = nnx.merge(graphdef, p, stats, trainer.rest_state())
+        net.train()
+        net.set_attributes(deterministic=True, raise_if_not_found=False)
+        return cross_entropy(net(batch[0]), batch[1]).mean()
+
+    labels, why = riemax.labels_by_invariance(
+        loss_fn, params, (x, y), return_details=True
+    )
+    trainer.set_labels(labels, why)
