@@ -146,7 +146,8 @@ def _diverged(grid: list[dict[str, Any]]) -> str:
 def _markdown(rows, cfg, seeds, grid, command) -> str:
     lines = [
         f"| optimizer | lr (best on val) | median val error % | median test error % "
-        f"({seeds} seeds) | test error % per seed | diverged (seeds) |",
+        f"({seeds} seed{'' if seeds == 1 else 's'}) | test error % per seed | "
+        "diverged (seeds) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -371,6 +371,12 @@ def label_report(
     lines = [line.rstrip() for line in lines]
     for label, (leaves, kernels, size) in counts.items():
         lines.append(
-            f"{label}: {leaves} leaves ({kernels} kernels), {size:,} parameters"
+            f"{label}: {_count(leaves, 'leaf', 'leaves')} "
+            f"({_count(kernels, 'kernel')}), {_count(size, 'parameter')}"
         )
     return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` with the noun in the right number: "1 kernel", "2 kernels"."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"

@@ -151,3 +151,10 @@ def test_rotational_zero_mean_refuses_units_that_cannot_turn():
     loose = riemax.rotational(optax.adamw(1e-3), 0.01, zero_mean=False)
     updates, _ = loose.update(params, loose.init(params), params)
     assert np.isfinite(np.asarray(updates["dense"]["kernel"])).all()
+
+
+def test_label_report_counts_in_the_right_number():
+    params = {"a": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    report = riemax.label_report(params, riemax.labels_by_rule(params))
+    assert "euclidean: 2 leaves (1 kernel), 16 parameters" in report
+    assert "manifold: 0 leaves (0 kernels), 0 parameters" in report
