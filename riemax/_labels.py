@@ -342,8 +342,8 @@ def label_report(
       conv/kernel  (3, 3, 16, 32)  manifold   rule: 'conv' & fan_in 144 > fan_out 32
       fc/bias      (10,)           euclidean  rule: not a kernel
       fc/kernel    (32, 10)        euclidean  rule: 'conv' not in path
-      manifold: 1 leaves (1 kernels), 4,608 parameters
-      euclidean: 2 leaves (1 kernels), 330 parameters
+      manifold: 1 leaf (1 kernel), 4,608 parameters
+      euclidean: 2 leaves (1 kernel), 330 parameters
     """
     resolved = dict(_flatten(check_labels(params, labels)))
     details = details or {}
