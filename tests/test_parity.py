@@ -324,10 +324,11 @@ def test_elementwise_groups_reduce_to_optax():
 
 
 # ================================================= SGDP/AdamP, Nero, rotational
-# Against the float64 reference of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper (tests/reference/adamp.py,
-# nero.py and rotational.py): 12 steps of a gradient that cycles through the kinds
-# that fire each branch of the SGDP/AdamP projection test, each side taking its
-# gradients at its own iterate; 1e-10 in float64.
+# Against the float64 references of docs/algorithms.md#sgdp-and-adamp, #nero and
+# #rotational-wrapper (tests/reference/adamp.py, nero.py and rotational.py): 12
+# steps of a gradient that cycles through the kinds that fire each branch of the
+# SGDP/AdamP projection test, each side taking its gradients at its own iterate;
+# 1e-10 in float64.
 
 KERNELS = ("conv", "dense")
 PAIR_STEPS = 12

@@ -1,5 +1,6 @@
-"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.1: SGDP and AdamP (Heo et
-al.), their channel and layer views and the per-step projection test.
+"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp: SGDP
+and AdamP (Heo et al.), their channel and layer views and the per-step
+projection test.
 
 Written from the specification, step by step and in its order of operations. It
 shares no code with riemax. Kernels are in Flax layout: a row (unit, neuron) is

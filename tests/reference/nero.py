@@ -1,5 +1,5 @@
-"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.2: Nero (Liu et al.) and
-its construction-time constraints.
+"""Float64 NumPy re-implementation of docs/algorithms.md#nero: Nero (Liu et
+al.) and its construction-time constraints.
 
 Written from the specification, step by step and in its order of operations. It
 shares no code with riemax. Kernels are in Flax layout: a row (unit, neuron) is

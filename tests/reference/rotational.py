@@ -1,6 +1,6 @@
-"""Float64 NumPy re-implementation of docs/algorithms.md#sgdp-and-adamp, #nero, #rotational-wrapper.3: the rotational wrapper
-(Kosson et al.), with the inner optimizers it is used with (Adam, momentum SGD,
-Lion) and the equilibrium rates.
+"""Float64 NumPy re-implementation of docs/algorithms.md#rotational-wrapper: the
+rotational wrapper (Kosson et al.), with the inner optimizers it is used with
+(Adam, momentum SGD, Lion) and the equilibrium rates.
 
 Written from the specification, step by step and in its order of operations. It
 shares no code with riemax. Kernels are in Flax layout: a row (unit, neuron) is
