@@ -22,7 +22,6 @@ parameter: :class:`SphereGeometry`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -31,7 +30,7 @@ import optax
 
 from riemax import _checks as checks
 from riemax._gram import Program, gram_program, normalize_program
-from riemax._leafmap import Step, stateful, stateless, zeros_like_state
+from riemax._leafmap import Step, as_program, stateful, stateless, zeros_like_state
 from riemax._numerics import safe_div, to_acc, unscaled
 
 
@@ -151,12 +150,6 @@ def _checked(owner: str, geo: Geometry, params: Any) -> None:
     jax.tree_util.tree_map_with_path(one, params)
 
 
-def _as_program(value: Any) -> Program:
-    if hasattr(value, "send"):
-        return (yield from value)
-    return value
-
-
 def manifold_project(spec: str | Geometry = "sphere") -> optax.GradientTransformation:
     """Projects every gradient onto the tangent space of its params' point.
 
@@ -177,7 +170,7 @@ def manifold_project(spec: str | Geometry = "sphere") -> optax.GradientTransform
     owner = "manifold_project"
 
     def leaf(g, w):
-        return (yield from _as_program(geo.project(to_acc(w), g)))
+        return geo.project(to_acc(w), g)  # a value or a leaf program
 
     inner = stateless(owner, leaf, units=False)
     return _with_geometry_checks(owner, geo, inner)
@@ -206,7 +199,7 @@ def manifold_retract(spec: str | Geometry = "sphere") -> optax.GradientTransform
 
     def leaf(d, w):
         w = to_acc(w)
-        return (yield from _as_program(geo.retract(w, d))) - w
+        return (yield from as_program(geo.retract(w, d))) - w
 
     inner = stateless(owner, leaf, units=False)
     return _with_geometry_checks(owner, geo, inner)
@@ -245,7 +238,7 @@ def manifold_momentum(
         return ManifoldMomentumState(trace=zeros_like_state(params, mu_dtype))
 
     def leaf(u, s, w):
-        tau = yield from _as_program(geo.transport(to_acc(w), to_acc(s)))
+        tau = yield from as_program(geo.transport(to_acc(w), to_acc(s)))
         d = momentum * tau + to_acc(u)
         return d.astype(u.dtype), d
 
@@ -262,7 +255,7 @@ def _with_geometry_checks(
     return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
-__all__: Sequence[str] = (
+__all__ = [
     "GEOMETRIES",
     "Geometry",
     "ManifoldMomentumState",
@@ -271,4 +264,4 @@ __all__: Sequence[str] = (
     "manifold_momentum",
     "manifold_project",
     "manifold_retract",
-)
+]

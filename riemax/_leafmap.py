@@ -117,7 +117,7 @@ def unzip(template: Any, results: Any, n: int) -> tuple[Any, ...]:
     )
 
 
-def _as_program(result: Any) -> Program:
+def as_program(result: Any) -> Program:
     """``result`` itself, from a leaf program or a plain value alike."""
     if isinstance(result, Generator):
         return (yield from result)
@@ -149,12 +149,12 @@ def stateless(
             need_params(owner, params)
 
             def fn(u, w):
-                return (yield from _as_program(leaf_fn(to_acc(u), w))).astype(u.dtype)
+                return (yield from as_program(leaf_fn(to_acc(u), w))).astype(u.dtype)
 
             return leaf_map(owner, fn, updates, params=params, units=units), state
 
         def fn_u(u):
-            return (yield from _as_program(leaf_fn(to_acc(u)))).astype(u.dtype)
+            return (yield from as_program(leaf_fn(to_acc(u)))).astype(u.dtype)
 
         return leaf_map(owner, fn_u, updates, units=units), state
 

@@ -293,12 +293,11 @@ def rotational(
         units = functools.partial(
             _step_units, rate=eta, count=count, decay=decay, eps=eps
         )
-        derive = functools.partial(_direction)
 
         def leaf(u, nu, r, w):
             p = to_acc(w)
             delta, nu = yield from _rotate(
-                p, to_acc(u), r, nu, zero_mean=zero_mean, derive=derive, units=units
+                p, to_acc(u), r, nu, zero_mean=zero_mean, derive=_direction, units=units
             )
             return delta.astype(w.dtype), nu, r
 

@@ -86,6 +86,8 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
     identity cancels anywhere (nearly radial gradients), and ``then``, the
     per-unit math of the step, on the units of every leaf at once.
 
+    ``derive`` (:func:`radial` with the step's ``unit_eps``, one object for every
+    leaf of a step) gives ``||h~||^2`` and ``hw`` once for all units;
     ``then((gram, hh, inputs))`` returns ``(coefficients, other)``; the program
     returns ``(update, new stored state, other)``.
     """
