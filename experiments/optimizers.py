@@ -532,6 +532,22 @@ SCHEDULES = ("constant", "piecewise", "multistep", "linear", "cosine")
 LENGTH_DEPENDENT = ("cosine",)
 
 
+def schedule_of(cfg: dict, base: float) -> optax.Schedule:
+    """:func:`make_schedule` of a resolved config for the base rate ``base``: the
+    schedule the training loop applies to each learning rate."""
+    return make_schedule(
+        base,
+        cfg["schedule"],
+        decay_steps=tuple(cfg["decay_steps"]),
+        decay_epochs=tuple(cfg["decay_epochs"]),
+        decay_factor=cfg["decay_factor"],
+        steps_per_epoch=cfg["steps_per_epoch"],
+        epochs=cfg["epochs"],
+        total_steps=cfg.get("steps"),  # in the key of length-dependent ones
+        warmup_steps=cfg["warmup_steps"],
+    )
+
+
 def make_schedule(
     base: float,
     kind: str,

@@ -32,15 +32,7 @@ def resolved(name, n_train=50000, image_shape=(32, 32, 3)):
 
 
 def lr_at(cfg, key, count):
-    schedule = optimizers.make_schedule(
-        cfg[key],
-        cfg["schedule"],
-        decay_steps=tuple(cfg["decay_steps"]),
-        decay_epochs=tuple(cfg["decay_epochs"]),
-        decay_factor=cfg["decay_factor"],
-        steps_per_epoch=cfg["steps_per_epoch"],
-        epochs=cfg["epochs"],
-    )
+    schedule = optimizers.schedule_of(cfg, cfg[key])
     return float(schedule(jnp.asarray(count)))
 
 
@@ -151,7 +143,9 @@ def _srt_cells():
 )
 def test_srt_presets_resolve_to_best_hyper_parameters(cell):
     data, model, opt, lr, wd, beta, mom = cell
-    if opt == "adamg":  # a different algorithm (docs/algorithms.md#the-adamg-baseline-of-the-original-code): no preset
+    if (
+        opt == "adamg"
+    ):  # a different algorithm (docs/algorithms.md#the-adamg-baseline-of-the-original-code): no preset
         with pytest.raises(ValueError, match="different algorithm"):
             presets.srt_name(data, model, opt)
         assert not any(

@@ -44,9 +44,7 @@ class RowOblique(NamedTuple):
 @pytest.fixture
 def oblique(monkeypatch):
     """Registers the test geometry the way a new file would: one entry."""
-    monkeypatch.setitem(
-        _geometry.GEOMETRIES, "row-oblique", f"{__name__}:ROW_OBLIQUE"
-    )
+    monkeypatch.setitem(_geometry.GEOMETRIES, "row-oblique", f"{__name__}:ROW_OBLIQUE")
     return "row-oblique"
 
 

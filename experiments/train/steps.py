@@ -168,20 +168,7 @@ class Trainer:
                     f"enorm needs a model whose kernels form a chain; {name}: {e}"
                 ) from None
 
-        def schedule(base):
-            return optimizers.make_schedule(
-                base,
-                cfg["schedule"],
-                decay_steps=tuple(cfg["decay_steps"]),
-                decay_epochs=tuple(cfg["decay_epochs"]),
-                decay_factor=cfg["decay_factor"],
-                steps_per_epoch=cfg["steps_per_epoch"],
-                epochs=cfg["epochs"],
-                total_steps=cfg.get("steps"),  # in the key of length-dependent ones
-                warmup_steps=cfg["warmup_steps"],
-            )
-
-        self.schedule = schedule
+        self.schedule = functools.partial(optimizers.schedule_of, cfg)
         self.hyper = {k: cfg[k] for k in self.entry.config_keys}
         if self.labels is not None:
             self._finish()
