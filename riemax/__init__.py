@@ -70,6 +70,7 @@ from riemax._sgdg import (
     scale_by_sgdg,
     sgdg,
 )
+from riemax._start import START_METHODS, to_manifold
 from riemax._version import __version__
 
 #: Names of earlier releases: each still works and warns once when it is used.
@@ -107,6 +108,7 @@ __all__ = [
     "MANIFOLD",
     "ManifoldMomentumState",
     "RotationalState",
+    "START_METHODS",
     "ScaleByAdamgState",
     "ScaleByAdampState",
     "ScaleByAdamsState",
@@ -156,6 +158,7 @@ __all__ = [
     "sgdg",
     "sgdmrt",
     "sgdp",
+    "to_manifold",
     "sphere",
     "spherical_adam",
     "transported_momentum",

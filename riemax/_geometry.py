@@ -113,6 +113,7 @@ class SphereGeometry(NamedTuple):
 #: The geometries by name: ``"module:attribute"`` of each, imported when used.
 GEOMETRIES: dict[str, str] = {
     "sphere": "riemax._geometry:SPHERE",
+    "stiefel": "riemax._stiefel:STIEFEL",
 }
 
 SPHERE = SphereGeometry()

@@ -153,20 +153,34 @@ def check_labels(params: Any, labels: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _rule(name: str, shape: tuple[int, ...], pattern: str) -> tuple[str, str]:
+#: The shape conditions of :func:`labels_by_rule`, by name.
+FAN_RULES = ("undercomplete", "tall", "any")
+
+
+def _rule(name: str, shape: tuple[int, ...], pattern: str, fan: str) -> tuple[str, str]:
     last = name.rsplit("/", 1)[-1]
     if last not in _KERNEL_NAMES or len(shape) < 2:
         return EUCLIDEAN, "rule: not a kernel"
     if pattern not in name:
         return EUCLIDEAN, f"rule: {pattern!r} not in path"
     fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
+    if fan == "any":
+        return MANIFOLD, f"rule: {pattern!r} & a kernel"
+    if fan == "tall":
+        if fan_in >= fan_out:
+            return MANIFOLD, f"rule: {pattern!r} & fan_in {fan_in} >= fan_out {fan_out}"
+        return EUCLIDEAN, f"rule: fan_in {fan_in} < fan_out {fan_out} (more units than inputs)"
     if fan_in > fan_out:
         return MANIFOLD, f"rule: {pattern!r} & fan_in {fan_in} > fan_out {fan_out}"
     return EUCLIDEAN, f"rule: fan_in {fan_in} <= fan_out {fan_out} (not undercomplete)"
 
 
 def labels_by_rule(
-    params: Any, pattern: str = "conv", *, return_details: bool = False
+    params: Any,
+    pattern: str = "conv",
+    *,
+    fan: str = "undercomplete",
+    return_details: bool = False,
 ) -> Any:
     r"""Labels kernels by the papers' syntactic rule (Cho & Lee, 2017).
 
@@ -192,7 +206,12 @@ def labels_by_rule(
     Args:
       params: The parameter tree (arrays, ``jax.ShapeDtypeStruct`` or anything with
         a ``shape``; ``nnx.State`` works).
-      pattern: Substring that the path must contain.
+      pattern: Substring that the path must contain (``""``: every path).
+      fan: The shape condition. ``"undercomplete"`` (default): fan-in > fan-out,
+        the papers' rule for the sphere. ``"tall"``: fan-in >= fan-out, the kernels
+        whose units can be mutually orthonormal (the Stiefel optimizers,
+        :func:`riemax.cayley_sgd`). ``"any"``: every kernel of two axes or more
+        (manifold Muon, which takes wide matrices too).
       return_details: If true, also return a dict ``path -> reason`` for
         :func:`label_report`.
 
@@ -219,11 +238,19 @@ def labels_by_rule(
       Cho and Lee, `Riemannian approach to batch normalization
       <https://arxiv.org/abs/1709.09603>`_, 2017
     """
+    if fan not in FAN_RULES:
+        valid = ", ".join(repr(f) for f in FAN_RULES)
+        raise ValueError(f"riemax.labels_by_rule: unknown fan {fan!r}; valid: {valid}.")
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"riemax.labels_by_rule: pattern must be a string, got {pattern!r}; to pass "
+            "options to optax.partition use functools.partial(riemax.labels_by_rule, ...)."
+        )
     details: dict[str, str] = {}
 
     def one(path, leaf):
         name = path_str(path)
-        label, details[name] = _rule(name, _shape(leaf), pattern)
+        label, details[name] = _rule(name, _shape(leaf), pattern, fan)
         return label
 
     labels = jax.tree_util.tree_map_with_path(one, params)
