@@ -68,3 +68,17 @@ def test_committed_notebook_has_its_outputs_and_stays_small(path):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert path.stat().st_size < 300_000
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_percentages_are_plotted_on_a_linear_axis(path):
+    """An axis labelled in % is linear: a log axis makes equal differences in
+    error look unequal."""
+    import re
+
+    cells = nbformat.read(path, as_version=4).cells
+    source = "\n".join(c.source for c in cells if c.cell_type == "code")
+    # Every .set(...) call, arguments joined across lines.
+    for call in re.findall(r"\.set\((.*?)\)\s*$", source, flags=re.S | re.M):
+        if "%" in call:
+            assert "log" not in call, (path.name, call)
