@@ -28,6 +28,7 @@ from riemax._enorm import apply_enorm, enorm_cycle
 from riemax._geometry import (
     Geometry,
     ManifoldMomentumState,
+    SphereGeometry,
     geometry,
     manifold_momentum,
     manifold_project,
@@ -116,6 +117,7 @@ __all__ = [
     "ScaleBySgdgState",
     "ScaleBySgdmrtState",
     "ScaleBySgdpState",
+    "SphereGeometry",
     "SphericalAdamState",
     "TransportedMomentumState",
     "__version__",

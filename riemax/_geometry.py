@@ -84,6 +84,14 @@ class SphereGeometry(NamedTuple):
         return tuple(sorted(a % ndim for a in self.axes))
 
     def check(self, owner: str, where: str, shape: tuple[int, ...]) -> None:
+        if self.axes is None and len(shape) < 2:
+            raise ValueError(
+                f"riemax.{owner}: parameter '{where}' has shape {shape}, but the "
+                f"{self.name} geometry puts each unit (the slice over all axes but "
+                "the last) on a sphere, which needs at least 2 axes. Route 1-D leaves "
+                "such as biases to a Euclidean optimizer, or give the unit axes: "
+                "riemax.SphereGeometry(axes=(0,)) makes the whole vector one point."
+            )
         if self.axes is not None and any(
             not -len(shape) <= a < len(shape) for a in self.axes
         ):

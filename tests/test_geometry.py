@@ -92,10 +92,22 @@ def test_geometry_checks_name_the_leaf_and_unknown_names_list_the_valid_ones(
     tx = riemax.manifold_project(oblique)
     with pytest.raises(ValueError, match=r"'conv/kernel' must be 2-D"):
         tx.init({"conv": {"kernel": jnp.ones((3, 3, 2))}})
-    with pytest.raises(ValueError, match=r"unknown geometry 'stiefel'.*'sphere'"):
-        riemax.manifold_project("stiefel")
+    with pytest.raises(ValueError, match=r"unknown geometry 'hyperbolic'.*'sphere'"):
+        riemax.manifold_project("hyperbolic")
     with pytest.raises(TypeError, match="neither a geometry name nor a Geometry"):
         riemax.geometry(42)
+
+
+def test_sphere_geometry_refuses_a_vector_unless_its_axes_are_given():
+    """A 1-D leaf has no units (slices over all axes but the last): the default
+    sphere refuses it, naming the leaf; with ``axes=(0,)`` it is one point."""
+    params = {"fc": {"bias": jnp.array([3.0, 4.0])}}
+    for make in (riemax.manifold_project, riemax.manifold_retract):
+        with pytest.raises(ValueError, match=r"'fc/bias' has shape \(2,\).*2 axes"):
+            make("sphere").init(params)
+    tx = riemax.manifold_project(riemax.SphereGeometry(axes=(0,)))
+    h, _ = tx.update({"fc": {"bias": jnp.array([3.0, 4.0])}}, tx.init(params), params)
+    np.testing.assert_allclose(h["fc"]["bias"], 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("axes", [None, (0,)])
