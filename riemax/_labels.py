@@ -169,7 +169,10 @@ def _rule(name: str, shape: tuple[int, ...], pattern: str, fan: str) -> tuple[st
     if fan == "tall":
         if fan_in >= fan_out:
             return MANIFOLD, f"rule: {pattern!r} & fan_in {fan_in} >= fan_out {fan_out}"
-        return EUCLIDEAN, f"rule: fan_in {fan_in} < fan_out {fan_out} (more units than inputs)"
+        return (
+            EUCLIDEAN,
+            f"rule: fan_in {fan_in} < fan_out {fan_out} (more units than inputs)",
+        )
     if fan_in > fan_out:
         return MANIFOLD, f"rule: {pattern!r} & fan_in {fan_in} > fan_out {fan_out}"
     return EUCLIDEAN, f"rule: fan_in {fan_in} <= fan_out {fan_out} (not undercomplete)"
@@ -243,8 +246,9 @@ def labels_by_rule(
         raise ValueError(f"riemax.labels_by_rule: unknown fan {fan!r}; valid: {valid}.")
     if not isinstance(pattern, str):
         raise TypeError(
-            f"riemax.labels_by_rule: pattern must be a string, got {pattern!r}; to pass "
-            "options to optax.partition use functools.partial(riemax.labels_by_rule, ...)."
+            f"riemax.labels_by_rule: pattern must be a string, got {pattern!r}; to "
+            "pass options to optax.partition use "
+            "functools.partial(riemax.labels_by_rule, ...)."
         )
     details: dict[str, str] = {}
 

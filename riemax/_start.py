@@ -29,7 +29,9 @@ START_METHODS: dict[str, str] = {
 }
 
 
-def _method(method: str | Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+def _method(
+    method: str | Callable[[jax.Array], jax.Array],
+) -> Callable[[jax.Array], jax.Array]:
     if callable(method):
         return method
     if not isinstance(method, str) or method not in START_METHODS:
