@@ -46,7 +46,7 @@ if REPO not in sys.path:
 from experiments import optimizers as optimizer_table  # noqa: E402
 
 # --------------------------------------------------------------------------------------
-# Optimizers: built from the experiments' one table (experiments/optimizers.py)
+# Optimizers: built from the experiments' one table (experiments/optimizers/)
 # --------------------------------------------------------------------------------------
 
 # The learning rates are the table's defaults (RBN's CIFAR values for sgdg/adamg,

@@ -7,7 +7,7 @@ random tree. Trees: WRN-28-10 (36.5M parameters) and ResNet-20 (0.27M), built fr
 the unit sphere, as RBN initialises them).
 
 Rows (labels: ``riemax.labels_by_rule`` tree), every optimizer as the experiments
-build it (``experiments/optimizers.py``), at the table's learning rates:
+build it (``experiments/optimizers/``), at the table's learning rates:
 
 - ``<opt> (hybrid)``: ``sgdg``/``adamg`` on the manifold kernels with Nesterov SGD
   and L2 ``5e-4`` elsewhere; ``adamsrt``/``sgdmrt`` per unit on the manifold kernels

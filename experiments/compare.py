@@ -43,7 +43,8 @@ def compare(
 
     check_arguments(optimizers, seeds, lr_grid, cfg)
     base = {k: v for k, v in cfg.items() if k != "optimizer"} | {"progress": False}
-    base.setdefault("stop_diverged", True)
+    if base.get("stop_diverged") is None:
+        base["stop_diverged"] = True
     resolved = config_lib.resolve(base | {"optimizer": optimizers[0]})
     if not resolved["val_size"]:
         raise ConfigError(

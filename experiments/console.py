@@ -13,6 +13,9 @@ draws a progress bar on a terminal and writes its lines above it.
 - ``1``: also the resolved config in full and the libraries' INFO lines;
 - ``2``: also their DEBUG lines.
 
+The verbosity is kept as the level of the standard logger ``experiments.console``
+(:func:`set_verbosity` sets it; no state of this module's own).
+
 Nothing here imports JAX: the command line checks its flags before loading it.
 """
 
@@ -22,20 +25,28 @@ import logging
 import sys
 import time
 
+# The runner's clock: the time this module was first imported (a constant).
 _START = time.time()
-_VERBOSITY = 0
+#: The logger whose level holds the verbosity (no module state of our own).
+LOGGER = "experiments.console"
+# verbosity -> the level of LOGGER; a line shown at verbosity >= v is logged at
+# the level of v (warnings: WARNING).
+_LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG, 2: logging.DEBUG - 5}
+
+
+def _level(verbosity: int) -> int:
+    return _LEVELS[max(-1, min(2, int(verbosity)))]
 
 
 def set_verbosity(level: int) -> None:
     """Sets what the console shows (see the module docstring)."""
-    global _VERBOSITY
-    _VERBOSITY = int(level)
+    logging.getLogger(LOGGER).setLevel(_level(level))
     python_level = {-1: logging.WARNING, 0: logging.WARNING, 1: logging.INFO}.get(
-        _VERBOSITY, logging.DEBUG if _VERBOSITY > 1 else logging.WARNING
+        level, logging.DEBUG if level > 1 else logging.WARNING
     )
     for name in ("", "absl", "jax", "orbax", "flax"):
         logging.getLogger(name).setLevel(python_level)
-    if "absl.logging" in sys.modules or _VERBOSITY > 0:
+    if "absl.logging" in sys.modules or level > 0:
         from absl import logging as absl_logging
 
         # absl counts its own levels (warning -1, info 0, debug 1): by name.
@@ -43,12 +54,20 @@ def set_verbosity(level: int) -> None:
 
 
 def verbosity() -> int:
-    return _VERBOSITY
+    """The verbosity last set (0 before any :func:`set_verbosity`)."""
+    level = logging.getLogger(LOGGER).level
+    if level == logging.NOTSET:
+        return 0
+    return max((v for v, lv in _LEVELS.items() if lv >= level), default=2)
 
 
 def _main_process() -> bool:
-    jax = sys.modules.get("jax")  # not imported yet: a single process
-    return jax is None or jax.process_index() == 0
+    # A single process until jax.distributed is initialised (asking jax for the
+    # process index earlier would start its backend, which must come after).
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return True
+    return jax.process_index() == 0
 
 
 def line(msg: str) -> str:
@@ -59,7 +78,7 @@ def line(msg: str) -> str:
 def status(msg: str, *, level: int = 0) -> None:
     """One progress line on stderr (process 0 only), shown at ``verbosity >=
     level``."""
-    if _VERBOSITY >= level and _main_process():
+    if verbosity() >= level and _main_process():
         print(line(msg), file=sys.stderr, flush=True)
 
 

@@ -247,7 +247,7 @@ class Optimizer:
     (rank >= 2), ``units_only`` ones (kernels only too) also keep every unit on the
     sphere; ``chain`` builds the same optimizer from the composable transforms
     (``chain(learning_rate, **kwargs)``); ``family`` is its name in the runner's
-    table (``experiments/optimizers.py``) where the entry is a variant of another
+    table (``experiments/optimizers/``) where the entry is a variant of another
     (``tests/test_registry.py`` checks the two tables against each other).
     """
 

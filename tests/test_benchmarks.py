@@ -27,6 +27,8 @@ SCRIPTS = (
     pytest.param("compile_memory", marks=pytest.mark.slow),
     pytest.param("scaling", marks=pytest.mark.slow),
     "input_pipeline",
+    # N devices against one: a child process with 2 forced host devices.
+    pytest.param("devices", marks=pytest.mark.slow),
 )
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import cifar, optimizers, presets
+from experiments import cifar, configs, optimizers
 from experiments import config as config_lib
 from experiments.config import ConfigError
 
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def resolved(name, n_train=50000, image_shape=(32, 32, 3)):
-    cfg = config_lib.resolve(presets.get(name))
+    cfg = config_lib.resolve(configs.get(name))
     return config_lib.derive(cfg, n_train=n_train, image_shape=image_shape)
 
 
@@ -147,13 +147,13 @@ def test_srt_presets_resolve_to_best_hyper_parameters(cell):
         opt == "adamg"
     ):  # a different algorithm (docs/algorithms.md#the-adamg-baseline-of-the-original-code): no preset
         with pytest.raises(ValueError, match="different algorithm"):
-            presets.srt_name(data, model, opt)
+            configs.srt_name(data, model, opt)
         assert not any(
-            n.startswith(f"srt-{data}-{model}-adamg") for n in presets.names()
+            n.startswith(f"srt-{data}-{model}-adamg") for n in configs.names()
         )
         return
     n = {"svhn": 73257}.get(data, 50000)
-    cfg = resolved(presets.srt_name(data, model, opt), n_train=n - math.floor(0.05 * n))
+    cfg = resolved(configs.srt_name(data, model, opt), n_train=n - math.floor(0.05 * n))
     assert cfg["model"] == SRT_MODELS[model] and cfg["optimizer"] == opt
     assert cfg["lr"] == lr
     for key in ("weight_decay", "manifold_decay", "bias_decay", "gamma_decay"):
@@ -238,12 +238,12 @@ def test_enorm_presets_resolve_to_the_readme_commands(name):
 
 
 def test_every_preset_resolves_and_is_described():
-    assert len(presets.names()) == 36 + 42 + 4
-    for name in presets.names():
-        config_lib.resolve(presets.get(name))
-        assert presets.describe(name)
+    assert len(configs.names()) == 36 + 42 + 4
+    for name in configs.names():
+        config_lib.resolve(configs.get(name))
+        assert configs.describe(name)
     with pytest.raises(ValueError, match="valid presets.*rbn-cifar10-wrn-28-10-sgdg"):
-        presets.get("rbn-cifar10-resnet50-sgd")
+        configs.get("rbn-cifar10-resnet50-sgd")
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def parse(command):
 @pytest.mark.parametrize("preset", sorted(RBN_COMMANDS))
 def test_rbn_command_lines_run_as_written(preset):
     _, cfg = parse(RBN_COMMANDS[preset])
-    diff = config_lib.differing_keys(config_lib.resolve(presets.get(preset)), cfg)
+    diff = config_lib.differing_keys(config_lib.resolve(configs.get(preset)), cfg)
     # The SGD command has no --grassmann (RBN's switch for the manifold rule),
     # which only changes the measured groups of a plain-SGD run.
     assert diff == (["labels"] if preset.endswith("-sgd") else [])
@@ -292,11 +292,11 @@ def test_rbn_command_lines_run_as_written(preset):
 
 def test_srt_and_enorm_command_lines_run_as_written():
     _, cfg = parse(SRT_COMMAND)
-    assert cfg == config_lib.resolve(presets.get("srt-cifar100-resnet18-adamsrt"))
+    assert cfg == config_lib.resolve(configs.get("srt-cifar100-resnet18-adamsrt"))
     for preset, command in ENORM_COMMANDS.items():
         args, cfg = parse(command)
         assert args.n_iter == 5
-        assert cfg == config_lib.resolve(presets.get(preset)), preset
+        assert cfg == config_lib.resolve(configs.get(preset)), preset
     args, cfg = parse(RBN_TEST_COMMAND)
     assert args.task == "test" and args.load.endswith("model.ckpt-78124")
     assert cfg["model"] == "wrn-40-10" and cfg["dataset"] == "cifar100"
@@ -527,8 +527,9 @@ def test_help_shows_defaults_and_list_presets(capsys):
 
 
 def test_script_mode_help_starts_without_jax():
-    """``python experiments/cifar.py`` works as a script, and ``--help`` does not
-    import jax (the first lines print at once)."""
+    """``experiments/cifar.py`` runs by its path from the repository root (as
+    ``runpy`` runs it), and ``--help`` does not import jax (the first lines print
+    at once)."""
     code = (
         "import runpy, sys; sys.argv = ['experiments/cifar.py', '--help'];\n"
         "try:\n    runpy.run_path('experiments/cifar.py', run_name='__main__')\n"

@@ -1,5 +1,5 @@
 """The test registry (``tests/helpers.py``) and the runner's table
-(``experiments/optimizers.py``) agree: they name the same riemax optimizers, the
+(``experiments/optimizers/``) agree: they name the same riemax optimizers, the
 runner's hyper-parameters are arguments of the registry's factories, and with the
 same values both build the same transformation."""
 

@@ -16,7 +16,7 @@ import pytest
 import riemax
 from benchmarks import image_sets, recipes
 from experiments import config as config_lib
-from experiments import optimizers, presets
+from experiments import configs, optimizers
 
 PARAMS = {
     "conv": {"kernel": jnp.linspace(-1.0, 1.0, 3 * 3 * 2 * 4).reshape(3, 3, 2, 4)},
@@ -130,7 +130,7 @@ def test_new_data_gets_the_recipe(dataset):
 
 def test_the_papers_presets_keep_their_schedules():
     for name in ("rbn-cifar10-wrn-28-10-sgdg", "srt-cifar10-resnet20-sgd"):
-        cfg = config_lib.resolve(presets.get(name))
+        cfg = config_lib.resolve(configs.get(name))
         assert cfg["warmup_epochs"] == 0 and cfg["schedule"] != "cosine"
     cifar = config_lib.resolve({"dataset": "cifar10", "optimizer": "sgd"})
     assert (cifar["bn_decay"], cifar["schedule"]) == (0.99, "piecewise")

@@ -1,5 +1,7 @@
-"""Initialisers and BatchNorm layers shared by the model families: the papers'
-TensorFlow (RBN-TF) and PyTorch (SRT, ENorm) conventions, in Flax NNX."""
+"""What the model families share: the papers' TensorFlow (RBN-TF) and PyTorch
+(SRT, ENorm) initialisers and BatchNorms, the bias-free convolution of every
+net, and the one builder of the stages of a residual net (:func:`build_stages`,
+used by the wide ResNet and the post-activation ResNet), in Flax NNX."""
 
 from __future__ import annotations
 
@@ -115,3 +117,63 @@ TORCH_PAD1 = (
     (1, 1),
     (1, 1),
 )  # PyTorch ``padding=1`` (Flax "SAME" differs at stride 2)
+
+
+# --------------------------------------------------------------------------------------
+# Convolutions and stages
+# --------------------------------------------------------------------------------------
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    size: int,
+    *,
+    init: Initializer,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+) -> nnx.Conv:
+    """A bias-free ``size x size`` convolution (every conv of the papers' nets
+    but the classifier's of ``vgg16-srt``)."""
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (size, size),
+        strides=stride,
+        padding=padding,
+        use_bias=False,
+        kernel_init=init,
+        rngs=rngs,
+    )
+
+
+def build_stages(
+    block: Callable[[int, int, int], nnx.Module],
+    in_channels: int,
+    stages: Sequence[tuple[int, int]],
+    blocks_per_stage: int,
+) -> tuple[list[nnx.List], int]:
+    """The stages of a residual net: for each ``(width, stride)`` of ``stages``,
+    ``blocks_per_stage`` blocks ``block(in_channels, width, stride)``, the first
+    of which takes the stride and the change of width, the others stride 1.
+
+    Returns:
+      The stages (an ``nnx.List`` of blocks each) and the width of the last one.
+    """
+    built, channels = [], in_channels
+    for width, stride in stages:
+        blocks = []
+        for i in range(blocks_per_stage):
+            blocks.append(block(channels, width, stride if i == 0 else 1))
+            channels = width
+        built.append(nnx.List(blocks))
+    return built, channels
+
+
+def run_stages(x: jax.Array, stages: Sequence[nnx.List]) -> jax.Array:
+    """``x`` through every block of every stage, in order."""
+    for stage in stages:
+        for block in stage:
+            x = block(x)
+    return x

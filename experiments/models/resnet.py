@@ -7,6 +7,9 @@ from flax import nnx
 
 from experiments.models._layers import (
     TORCH_PAD1,
+    build_stages,
+    conv,
+    run_stages,
     torch_bias_init,
     torch_bn,
     torch_default_init,
@@ -29,42 +32,18 @@ class BasicBlock(nnx.Module):
     ):
         kinit = torch_default_init()
         bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
-        self.conv0 = nnx.Conv(
-            in_ch,
-            out_ch,
-            (3, 3),
-            strides=stride,
-            padding=TORCH_PAD1,
-            use_bias=False,
-            kernel_init=kinit,
-            rngs=rngs,
-        )
+        pad = {"init": kinit, "rngs": rngs, "padding": TORCH_PAD1}
+        self.conv0 = conv(in_ch, out_ch, 3, stride=stride, **pad)
         self.bn0 = torch_bn(out_ch, rngs=rngs, **bn)
-        self.conv1 = nnx.Conv(
-            out_ch,
-            out_ch,
-            (3, 3),
-            padding=TORCH_PAD1,
-            use_bias=False,
-            kernel_init=kinit,
-            rngs=rngs,
-        )
+        self.conv1 = conv(out_ch, out_ch, 3, **pad)
         self.bn1 = torch_bn(out_ch, rngs=rngs, **bn)
         if in_ch != out_ch or stride != 1:
-            self.shortcut_conv = nnx.Conv(
-                in_ch,
-                out_ch,
-                (1, 1),
-                strides=stride,
-                padding="VALID",
-                use_bias=False,
-                kernel_init=kinit,
-                rngs=rngs,
+            self.shortcut_conv = conv(
+                in_ch, out_ch, 1, stride=stride, init=kinit, rngs=rngs, padding="VALID"
             )
             self.shortcut_bn = torch_bn(out_ch, rngs=rngs, **bn)
         else:
-            self.shortcut_conv = None
-            self.shortcut_bn = None
+            self.shortcut_conv = self.shortcut_bn = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nnx.relu(self.bn0(self.conv0(x)))
@@ -103,33 +82,30 @@ class ResNet(nnx.Module):
         if depth not in _RESNET_CONFIGS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNET_CONFIGS)}")
         stem, stages, n_blocks = _RESNET_CONFIGS[depth]
-        self.conv = nnx.Conv(
+        self.conv = conv(
             in_channels,
             stem,
-            (3, 3),
-            padding=TORCH_PAD1,
-            use_bias=False,
-            kernel_init=torch_default_init(),
+            3,
+            init=torch_default_init(),
             rngs=rngs,
+            padding=TORCH_PAD1,
         )
         self.bn = torch_bn(stem, rngs=rngs, **bn)
-        channels = stem
-        self.num_stages = len(stages)
-        for s, (out, stride) in enumerate(stages, start=1):
-            blocks = []
-            for i in range(n_blocks):
-                blocks.append(
-                    BasicBlock(
-                        channels,
-                        out,
-                        stride if i == 0 else 1,
-                        rngs=rngs,
-                        bn_momentum=bn_momentum,
-                        bn_axis_name=bn_axis_name,
-                    )
-                )
-                channels = out
-            setattr(self, f"layer{s}", nnx.List(blocks))
+
+        def block(in_ch, out_ch, stride):
+            return BasicBlock(
+                in_ch,
+                out_ch,
+                stride,
+                rngs=rngs,
+                bn_momentum=bn_momentum,
+                bn_axis_name=bn_axis_name,
+            )
+
+        built, channels = build_stages(block, stem, stages, n_blocks)
+        self.num_stages = len(built)
+        for s, stage in enumerate(built, start=1):
+            setattr(self, f"layer{s}", stage)
         self.fc = nnx.Linear(
             channels,
             num_classes,
@@ -140,9 +116,8 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.bn(self.conv(x)))
-        for s in range(1, self.num_stages + 1):
-            for block in getattr(self, f"layer{s}"):
-                x = block(x)
+        stages = [getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1)]
+        x = run_stages(x, stages)
         return self.fc(x.mean(axis=(1, 2)))
 
 

@@ -7,7 +7,7 @@ import re
 import jax
 from flax import nnx
 
-from experiments.models._layers import rbn_bn, rbn_init
+from experiments.models._layers import build_stages, conv, rbn_bn, rbn_init, run_stages
 
 
 class WideBlock(nnx.Module):
@@ -29,32 +29,16 @@ class WideBlock(nnx.Module):
         kinit = rbn_init()
         bn = {"momentum": bn_momentum, "axis_name": bn_axis_name}
         self.bn0 = rbn_bn(in_ch, use_scale=True, rngs=rngs, **bn)
-        self.conv0 = nnx.Conv(
-            in_ch,
-            out_ch,
-            (3, 3),
-            strides=stride,
-            use_bias=False,
-            kernel_init=kinit,
-            rngs=rngs,
-        )
+        self.conv0 = conv(in_ch, out_ch, 3, stride=stride, init=kinit, rngs=rngs)
         self.bn1 = rbn_bn(out_ch, use_scale=True, rngs=rngs, **bn)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
-        self.conv1 = nnx.Conv(
-            out_ch, out_ch, (3, 3), use_bias=False, kernel_init=kinit, rngs=rngs
+        self.conv1 = conv(out_ch, out_ch, 3, init=kinit, rngs=rngs)
+        changes = in_ch != out_ch or stride != 1
+        self.projection = (
+            conv(in_ch, out_ch, 1, stride=stride, init=kinit, rngs=rngs)
+            if changes
+            else None
         )
-        if in_ch != out_ch or stride != 1:
-            self.projection = nnx.Conv(
-                in_ch,
-                out_ch,
-                (1, 1),
-                strides=stride,
-                use_bias=False,
-                kernel_init=kinit,
-                rngs=rngs,
-            )
-        else:
-            self.projection = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a = nnx.relu(self.bn0(x))
@@ -92,28 +76,22 @@ class WideResNet(nnx.Module):
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {depth}")
         n = (depth - 4) // 6
         kinit = rbn_init()
-        self.conv = nnx.Conv(
-            in_channels, 16, (3, 3), use_bias=False, kernel_init=kinit, rngs=rngs
-        )
-        channels = 16
-        for group, (out, stride) in enumerate(
-            [(16 * width, 1), (32 * width, 2), (64 * width, 2)], start=2
-        ):
-            blocks = []
-            for i in range(n):
-                blocks.append(
-                    WideBlock(
-                        channels,
-                        out,
-                        stride if i == 0 else 1,
-                        dropout=dropout,
-                        rngs=rngs,
-                        bn_momentum=bn_momentum,
-                        bn_axis_name=bn_axis_name,
-                    )
-                )
-                channels = out
-            setattr(self, f"group{group}", nnx.List(blocks))
+        self.conv = conv(in_channels, 16, 3, init=kinit, rngs=rngs)
+
+        def block(in_ch, out_ch, stride):
+            return WideBlock(
+                in_ch,
+                out_ch,
+                stride,
+                dropout=dropout,
+                rngs=rngs,
+                bn_momentum=bn_momentum,
+                bn_axis_name=bn_axis_name,
+            )
+
+        widths = [(16 * width, 1), (32 * width, 2), (64 * width, 2)]
+        stages, channels = build_stages(block, 16, widths, n)
+        self.group2, self.group3, self.group4 = stages
         self.bn = rbn_bn(
             channels,
             use_scale=True,
@@ -124,10 +102,7 @@ class WideResNet(nnx.Module):
         self.fc = nnx.Linear(channels, num_classes, kernel_init=kinit, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv(x)
-        for group in (self.group2, self.group3, self.group4):
-            for block in group:
-                x = block(x)
+        x = run_stages(self.conv(x), (self.group2, self.group3, self.group4))
         x = nnx.relu(self.bn(x))
         return self.fc(x.mean(axis=(1, 2)))
 

@@ -1,7 +1,8 @@
 r"""The experiments' one training loop: :func:`train_and_evaluate`, by concern:
 
-- :mod:`~experiments.train.loop` -- :func:`train_and_evaluate` itself, the data of
-  a config (:func:`prepare_run`);
+- :mod:`~experiments.train.loop` -- :func:`train_and_evaluate` itself;
+- :mod:`~experiments.train.setup` -- the data, the resolved config and the trainer
+  of a config (:func:`prepare_run`);
 - :mod:`~experiments.train.steps` -- the compiled steps of a config (:class:`Trainer`);
 - :mod:`~experiments.train.devices` -- the device layout (:class:`Devices`);
 - :mod:`~experiments.train.checkpoints` -- the workdir and its orbax checkpoints;
@@ -50,19 +51,15 @@ from experiments.train.checkpoints import (
     load_checkpoint,
     restore_latest,
 )
-from experiments.train.devices import (
-    AXIS,
-    MULTIHOST_ARGS,
-    Devices,
-    init_multihost,
-)
+from experiments.train.devices import AXIS, Devices, init_multihost
 from experiments.train.evaluation import evaluate_checkpoint, find_run
-from experiments.train.loop import load_data, prepare_run, train_and_evaluate
+from experiments.train.loop import train_and_evaluate
 from experiments.train.metrics import (
     MetricsWriter,
     read_metrics,
     truncate_metrics,
 )
+from experiments.train.setup import invariance_labels, load_data, prepare_run
 from experiments.train.steps import (
     Trainer,
     build_trainer,
@@ -76,7 +73,6 @@ __all__ = [
     "CHECKPOINTS",
     "CORRUPT",
     "OUTPUTS",
-    "MULTIHOST_ARGS",
     "Devices",
     "MetricsWriter",
     "Trainer",
@@ -86,6 +82,7 @@ __all__ = [
     "evaluate_checkpoint",
     "find_run",
     "init_multihost",
+    "invariance_labels",
     "load_checkpoint",
     "load_data",
     "measurements",

@@ -112,12 +112,9 @@ class Devices:
 # --------------------------------------------------------------------------------------
 
 
-MULTIHOST_ARGS: dict[str, Any] = {}
-
-
 def init_multihost(**kwargs: Any) -> None:
-    """``jax.distributed.initialize`` once (CPU collectives through gloo)."""
-    kwargs = kwargs or MULTIHOST_ARGS
+    """``jax.distributed.initialize(**kwargs)`` once (CPU collectives through
+    gloo); ``None`` values are left to its auto-detection (SLURM, ...)."""
     if jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

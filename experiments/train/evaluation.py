@@ -12,7 +12,7 @@ from experiments import config as config_lib
 from experiments import console
 from experiments.config import ConfigError
 from experiments.train.checkpoints import CHECKPOINTS, manager
-from experiments.train.loop import _invariance_labels, prepare_run
+from experiments.train.setup import invariance_labels, prepare_run
 
 status = console.status
 
@@ -49,7 +49,7 @@ def evaluate_checkpoint(load: str, overrides: dict[str, Any] | None = None) -> d
     cfg_in["progress"] = False
     cfg, dataset, trainer = prepare_run(cfg_in)
     if trainer.labels is None:
-        _invariance_labels(trainer, dataset)
+        invariance_labels(trainer, dataset)
     target = {"state": trainer.init_host_state(), "best": np.array([np.inf, -1.0])}
     mngr = manager(os.path.join(workdir, CHECKPOINTS), None)
     steps = mngr.all_steps()

@@ -1,4 +1,5 @@
-"""The training loop: :func:`train_and_evaluate` (see the package docstring)."""
+"""The training loop: :func:`train_and_evaluate` (see the package docstring);
+:mod:`~experiments.train.setup` turns its config into data and a trainer."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import riemax
-from experiments import config as config_lib
 from experiments import console, monitor
 from experiments import data as data_lib
 from experiments.train.checkpoints import (
@@ -23,101 +21,37 @@ from experiments.train.checkpoints import (
     manager,
     restore_latest,
 )
-from experiments.train.devices import Devices, init_multihost
 from experiments.train.metrics import (
     MetricsWriter,
     read_metrics,
     truncate_metrics,
     write_json,
 )
-from experiments.train.steps import Trainer, build_trainer, cross_entropy
+from experiments.train.setup import invariance_labels, prepare_run
 
 TrainingDiverged = monitor.TrainingDiverged
 status = console.status  # one clock for the whole runner (experiments.console)
 
 
-def load_data(cfg: dict[str, Any]) -> tuple[data_lib.Dataset, tuple[list, list]]:
-    """The config's splits and its normalization (mean, std in pixel units)."""
-    where = cfg["dataset"]
-    status(f"loading data: {where}")
-    dataset = data_lib.load(
-        cfg["dataset"],
-        data_dir=cfg["data_dir"],
-        train_split=cfg["train_split"] or "train",
-        split_seed=cfg["split_seed"],
-        test_size=cfg["test_size"] or 360,
-        log=status,
-    )
-    val = cfg["val_size"]
-    if 0 < val < 1:
-        val = int(math.floor(val * len(dataset.y_train)))
-    dataset = data_lib.carve(
-        dataset,
-        val_size=val,
-        train_size=cfg["train_size"],
-        split_seed=cfg["split_seed"],
-    )
-    channels = dataset.image_shape[-1]
-    if cfg["normalization"] == "train_stats":
-        mean, std = data_lib.channel_stats(dataset.x_train)
-        std = [s if s > 0 else 1.0 for s in std]
-    elif cfg["normalization"] == "scale":
-        mean, std = [0.0] * channels, [dataset.pixel_max] * channels
-    else:
-        scale = dataset.pixel_max
-        mean = [m * scale for m in cfg["norm_mean"]] * (
-            channels // len(cfg["norm_mean"])
-        )
-        std = [s * scale for s in cfg["norm_std"]] * (channels // len(cfg["norm_std"]))
-    return dataset, (mean, std)
-
-
-def prepare_run(config: dict[str, Any]) -> tuple[dict, data_lib.Dataset, Trainer]:
-    """Resolves the config, loads the data and builds the trainer; raises
-    :class:`ConfigError` / :class:`experiments.data.DataError` on bad input."""
-    cfg = config_lib.resolve(config)
-    if cfg["multihost"]:
-        init_multihost()
-    dataset, norm = load_data(cfg)
-    cfg = config_lib.derive(
-        cfg, n_train=len(dataset.y_train), image_shape=dataset.image_shape
-    )
-    cfg["num_classes"] = dataset.num_classes
-    cfg["num_val"] = 0 if dataset.y_val is None else len(dataset.y_val)
-    cfg["num_test"] = len(dataset.y_test)
-    dev = Devices(cfg["parallel"], cfg["num_devices"])
-    dev.check_divides(cfg["batch_size"], "batch_size")
-    if cfg["eval_batch_size"] is None:
-        n_eval = max(cfg["num_test"], cfg["num_val"])
-        cfg["eval_batch_size"] = (
-            math.ceil(min(1000, n_eval) / dev.n_global) * dev.n_global
-        )
-    dev.check_divides(cfg["eval_batch_size"], "eval_batch_size")
-    status(
-        f"data: {cfg['num_train']} train / {cfg['num_val']} val / {cfg['num_test']} "
-        f"test images {tuple(dataset.image_shape)}, {cfg['num_classes']} classes; "
-        f"{cfg['steps']} steps of {cfg['batch_size']} ({cfg['steps_per_epoch']} per "
-        f"epoch); {dev.describe()}"
-    )
-    status(f"building {cfg['model']} and the {cfg['optimizer']} optimizer")
-    trainer = build_trainer(cfg, norm)
-    return cfg, dataset, trainer
-
-
-def _to_float(tree: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in tree.items()}
-
-
 def train_and_evaluate(
-    config: dict[str, Any], workdir: str, *, overwrite: bool = False
+    config: dict[str, Any],
+    workdir: str,
+    *,
+    overwrite: bool = False,
+    multihost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains one config in ``workdir`` (resuming from its latest checkpoint).
 
     Args:
-      config: Overrides of :data:`experiments.config.DEFAULT_CONFIG`.
+      config: A config (:mod:`experiments.configs`; keys left out take their
+        defaults), resolved (:func:`experiments.config.resolve`, as the command
+        line passes it) or not.
       workdir: Output directory: ``config.json``, ``labels.txt``,
         ``metrics.jsonl``, ``result.json``, ``checkpoints/``.
       overwrite: Remove this runner's outputs from ``workdir`` first.
+      multihost: For a ``multihost`` config, the arguments of
+        ``jax.distributed.initialize`` (``coordinator_address``,
+        ``num_processes``, ``process_id``; ``None``: auto-detected).
 
     Returns:
       ``step``, ``resumed_from``, ``halted`` and, for a finished run,
@@ -135,13 +69,13 @@ def train_and_evaluate(
     from tqdm import tqdm
 
     t_start = time.time()
-    cfg, dataset, trainer = prepare_run(config)
+    cfg, dataset, trainer = prepare_run(config, multihost)
     check_workdir(workdir, cfg, overwrite)
 
     # Labels measured on data need the initial parameters.
     if trainer.labels is None:
         status("measuring the manifold split on the first batch (labels=invariance)")
-        _invariance_labels(trainer, dataset)
+        invariance_labels(trainer, dataset)
     host_state = trainer.init_host_state()
     report = riemax.label_report(
         host_state["params"], trainer.labels, details=trainer.why
@@ -428,31 +362,3 @@ def train_and_evaluate(
         )
     )
     return result
-
-
-def _invariance_labels(trainer: Trainer, dataset: data_lib.Dataset) -> None:
-    cfg = trainer.cfg
-    # The params only need the model's own init for the measurement.
-    graphdef = trainer.graphdef
-
-    @jax.jit
-    def init(seed):
-        model = trainer.build(jax.random.key(seed))
-        _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-
-    params, stats = init(jnp.asarray(cfg["seed"], jnp.int32))
-    idx = data_lib.BatchOrder(len(dataset.y_train), cfg["batch_size"], cfg["seed"])(0)
-    x = trainer.preprocess(jnp.asarray(dataset.x_train[idx]), None, False)
-    y = jnp.asarray(dataset.y_train[idx])
-
-    def loss_fn(p, batch):
-        net = nnx.merge(graphdef, p, stats, trainer.rest_state())
-        net.train()
-        net.set_attributes(deterministic=True, raise_if_not_found=False)
-        return cross_entropy(net(batch[0]), batch[1]).mean()
-
-    labels, why = riemax.labels_by_invariance(
-        loss_fn, params, (x, y), return_details=True
-    )
-    trainer.set_labels(labels, why)

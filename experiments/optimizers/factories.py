@@ -1,0 +1,217 @@
+"""How the optimizers of the table are built: one factory per entry of
+:data:`experiments.optimizers.OPTIMIZERS`, ``factory(learning_rate, **hyper)``,
+the transformation of its main group (the whole tree, or the manifold leaves of a
+hybrid); and :func:`build`, the whole optimizer of an entry (its companion on the
+other leaves, its weight decay, its schedule).
+
+jax, optax and riemax are imported inside each factory: the table is read by the
+config checks, which run before JAX is loaded (a wrong flag is reported at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from experiments.optimizers.groups import add_decay
+
+if TYPE_CHECKING:
+    import optax
+
+
+def sgd(learning_rate, *, momentum, nesterov):
+    import optax
+
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+def sgdg(learning_rate, *, momentum, grad_clip, omega):
+    import riemax
+
+    return riemax.sgdg(
+        learning_rate, momentum=momentum, grad_clip=grad_clip, omega=omega
+    )
+
+
+def adamg(learning_rate, *, b1, b2, eps, grad_clip, omega):
+    import riemax
+
+    return riemax.adamg(
+        learning_rate, b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega
+    )
+
+
+def adams(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    import riemax
+
+    # weight_decay=0: the coupled L2 is applied per group in front (same chain).
+    return riemax.adams(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
+
+
+def adamsrt(learning_rate, *, b1, b2, eps, channel_axes=(-1,)):
+    import riemax
+
+    return riemax.adamsrt(learning_rate, b1, b2, eps, 0.0, channel_axes=channel_axes)
+
+
+def sgdmrt(learning_rate, *, momentum, channel_axes=(-1,)):
+    import riemax
+
+    return riemax.sgdmrt(learning_rate, momentum, 0.0, channel_axes=channel_axes)
+
+
+def _by_decay(decay, make):
+    """``make(weight_decay)`` for a per-leaf decay tree: one transformation where
+    every leaf has the same decay, else one per value (``optax.partition``)."""
+    import jax
+    import optax
+
+    values = sorted(set(jax.tree.leaves(decay)))
+    if len(values) <= 1:
+        return make(values[0] if values else 0.0)
+    labels = jax.tree.map(repr, decay)
+    return optax.partition({repr(v): make(v) for v in values}, labels)
+
+
+def adamp(learning_rate, *, b1, b2, eps, delta, wd_ratio, nesterov, decay):
+    import riemax
+
+    # AdamP decays inside its step (scaled by wd_ratio where it projects).
+    return _by_decay(
+        decay,
+        lambda wd: riemax.adamp(
+            learning_rate, b1, b2, eps, wd, delta, wd_ratio, nesterov=nesterov
+        ),
+    )
+
+
+def sgdp(learning_rate, *, momentum, dampening, nesterov, eps, delta, wd_ratio, decay):
+    import riemax
+
+    return _by_decay(
+        decay,
+        lambda wd: riemax.sgdp(
+            learning_rate, momentum, dampening, wd, nesterov, eps, delta, wd_ratio
+        ),
+    )
+
+
+def nero(learning_rate, *, b2):
+    import riemax
+
+    return riemax.nero(learning_rate, b2)
+
+
+def rotational_adamw(learning_rate, *, b1, b2, eps, weight_decay):
+    import optax
+
+    import riemax
+
+    rate = riemax.equilibrium_rate("adamw", learning_rate, weight_decay, b1=b1, b2=b2)
+    return riemax.rotational(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rate)
+
+
+def rotational_sgdm(learning_rate, *, momentum, weight_decay):
+    import optax
+
+    import riemax
+
+    rate = riemax.equilibrium_rate(
+        "sgdm", learning_rate, weight_decay, momentum=momentum
+    )
+    return riemax.rotational(optax.trace(momentum), rate)
+
+
+def nero_project(params, labels):
+    import riemax
+
+    del labels
+    return riemax.nero_project(params)
+
+
+def center_units(params, labels):
+    import riemax
+
+    del labels
+    return riemax.center_units(params)
+
+
+def adam(learning_rate, *, b1, b2, eps):
+    import optax
+
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def adamw(learning_rate, *, b1, b2, eps, decay):
+    import optax
+
+    # optax.adamw's chain with a per-leaf decay (PyTorch AdamW: decoupled).
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        add_decay(decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def build(
+    name: str,
+    hyper: Mapping[str, Any],
+    labels: Any,
+    *,
+    schedule: Callable[[float], optax.ScalarOrSchedule] = lambda lr: lr,
+    decay: Any = None,
+) -> optax.GradientTransformation:
+    """The optimizer ``name`` with resolved ``hyper`` (:func:`resolve_hyper`).
+
+    Args:
+      name: A key of :data:`OPTIMIZERS`.
+      hyper: Every key of the entry's ``config_keys``.
+      labels: ``"manifold"``/``"euclidean"`` tree (or label function).
+      schedule: Turns a base learning rate into a schedule (default: constant).
+        It is applied to every learning rate of the optimizer: ``lr`` and, for
+        the hybrids with two rates, ``lr_manifold``.
+      decay: Per-leaf decay tree (:func:`decay_tree`), or ``None`` for none.
+
+    Returns:
+      A :class:`optax.GradientTransformation`.
+    """
+    import jax
+    import optax
+
+    import riemax
+    from experiments.optimizers import lookup
+
+    entry = lookup(name)
+    fargs = {k: hyper[k] for k in entry.hyper}
+    has_decay = decay is not None and any(d != 0 for d in jax.tree.leaves(decay))
+    if decay is None:
+        decay = jax.tree.map(lambda _: 0.0, labels)
+    lr = schedule(hyper["lr"])
+    if entry.companion in ("adamw", "sgdm"):
+        if entry.companion == "adamw":
+            keys = ("b1", "b2", "eps")
+            euclidean = adamw(lr, **{k: hyper[k] for k in keys}, decay=decay)
+        else:
+            euclidean = sgd(lr, momentum=hyper["momentum"], nesterov=False)
+        main = riemax.hybrid(entry.factory(lr, **fargs), euclidean, labels)
+        if entry.decay == "coupled" and has_decay:
+            return optax.chain(add_decay(decay), main)
+        return main
+    if entry.decay == "decoupled":
+        fargs["decay"] = decay
+    if entry.companion == "none":
+        main = entry.factory(lr, **fargs)
+    elif entry.companion == "elementwise":
+        main = riemax.hybrid(
+            entry.factory(lr, **fargs),
+            entry.factory(lr, **fargs, channel_axes=None),
+            labels,
+        )
+    else:
+        euclidean = sgd(lr, momentum=hyper["momentum"], nesterov=hyper["nesterov"])
+        main = riemax.hybrid(
+            entry.factory(schedule(hyper["lr_manifold"]), **fargs), euclidean, labels
+        )
+    if entry.decay == "coupled" and has_decay:
+        return optax.chain(add_decay(decay), main)
+    return main
