@@ -24,6 +24,14 @@ from riemax._adamsrt import (
     scale_by_sgdmrt,
     sgdmrt,
 )
+from riemax._cayley import (
+    ScaleByCayleyAdamState,
+    ScaleByCayleySgdState,
+    cayley_adam,
+    cayley_sgd,
+    scale_by_cayley_adam,
+    scale_by_cayley_sgd,
+)
 from riemax._enorm import apply_enorm, enorm_cycle
 from riemax._geometry import (
     Geometry,
@@ -54,6 +62,15 @@ from riemax._labels import (
 )
 from riemax._labels_numerical import labels_by_invariance
 from riemax._labels_structural import labels_from_model
+from riemax._msign import msign
+from riemax._muon import (
+    ScaleByHypersphericalDescentState,
+    ScaleByManifoldMuonState,
+    hyperspherical_descent,
+    manifold_muon,
+    scale_by_hyperspherical_descent,
+    scale_by_manifold_muon,
+)
 from riemax._nero import ScaleByNeroState, nero, nero_project, scale_by_nero
 from riemax._nnx import kernel_chain
 from riemax._ortho import ortho_penalty, orthogonality_loss, unit_init
@@ -72,6 +89,7 @@ from riemax._sgdg import (
     sgdg,
 )
 from riemax._start import START_METHODS, to_manifold
+from riemax._stiefel import StiefelGeometry, qr_retraction
 from riemax._version import __version__
 
 #: Names of earlier releases: each still works and warns once when it is used.
@@ -113,12 +131,17 @@ __all__ = [
     "ScaleByAdamgState",
     "ScaleByAdampState",
     "ScaleByAdamsState",
+    "ScaleByCayleyAdamState",
+    "ScaleByCayleySgdState",
+    "ScaleByHypersphericalDescentState",
+    "ScaleByManifoldMuonState",
     "ScaleByNeroState",
     "ScaleBySgdgState",
     "ScaleBySgdmrtState",
     "ScaleBySgdpState",
     "SphereGeometry",
     "SphericalAdamState",
+    "StiefelGeometry",
     "TransportedMomentumState",
     "__version__",
     "adamg",
@@ -126,6 +149,8 @@ __all__ = [
     "adams",
     "adamsrt",
     "apply_enorm",
+    "cayley_adam",
+    "cayley_sgd",
     "center_units",
     "check_labels",
     "clip_tangent_norm",
@@ -136,6 +161,7 @@ __all__ = [
     "geometry",
     "grassmann_project",
     "hybrid",
+    "hyperspherical_descent",
     "kernel_chain",
     "label_report",
     "labels_by_invariance",
@@ -143,16 +169,23 @@ __all__ = [
     "labels_by_rule",
     "labels_from_model",
     "manifold_momentum",
+    "manifold_muon",
     "manifold_project",
     "manifold_retract",
+    "msign",
     "nero",
     "nero_project",
     "ortho_penalty",
     "orthogonality_loss",
+    "qr_retraction",
     "rotational",
     "scale_by_adamg",
     "scale_by_adamp",
     "scale_by_adams",
+    "scale_by_cayley_adam",
+    "scale_by_cayley_sgd",
+    "scale_by_hyperspherical_descent",
+    "scale_by_manifold_muon",
     "scale_by_nero",
     "scale_by_sgdg",
     "scale_by_sgdmrt",
@@ -160,9 +193,9 @@ __all__ = [
     "sgdg",
     "sgdmrt",
     "sgdp",
-    "to_manifold",
     "sphere",
     "spherical_adam",
+    "to_manifold",
     "transported_momentum",
     "unit_init",
 ]

@@ -70,7 +70,13 @@ def to_manifold(
         if label != MANIFOLD:
             return p
         checks.check_leaf("to_manifold", path, p, units=False)
-        return fn(p)
+        try:
+            return fn(p)
+        except ValueError as e:  # name the leaf the method refused
+            reason = str(e).removeprefix("riemax.to_manifold: ")
+            raise ValueError(
+                f"riemax.to_manifold: parameter '{checks.where_of(path)}': {reason}"
+            ) from e
 
     return jax.tree_util.tree_map_with_path(one, params, labels)
 

@@ -38,9 +38,20 @@ BUILDERS = {
     "spherical_adam": (lambda: riemax.spherical_adam(learning_rate=0.05), True),
     "exp_map_update": (lambda: riemax.exp_map_update(), True),
     "ortho_penalty": (lambda: riemax.ortho_penalty(0.1), True),
-    "manifold_project": (lambda: riemax.manifold_project(), False),
-    "manifold_momentum": (lambda: riemax.manifold_momentum(0.9), False),
-    "manifold_retract": (lambda: riemax.manifold_retract(), False),
+    "manifold_project": (lambda: riemax.manifold_project(), True),
+    "manifold_momentum": (lambda: riemax.manifold_momentum(0.9), True),
+    "manifold_retract": (lambda: riemax.manifold_retract(), True),
+    "cayley_sgd": (lambda: riemax.cayley_sgd(0.8), True),
+    "cayley_adam": (lambda: riemax.cayley_adam(0.5), True),
+    "scale_by_cayley_sgd": (lambda: riemax.scale_by_cayley_sgd(0.8), True),
+    "scale_by_cayley_adam": (lambda: riemax.scale_by_cayley_adam(0.5), True),
+    "manifold_muon": (lambda: riemax.manifold_muon(0.1), True),
+    "scale_by_manifold_muon": (lambda: riemax.scale_by_manifold_muon(0.1), True),
+    "hyperspherical_descent": (lambda: riemax.hyperspherical_descent(0.1), False),
+    "scale_by_hyperspherical_descent": (
+        lambda: riemax.scale_by_hyperspherical_descent(0.1),
+        False,
+    ),
 }
 
 
@@ -48,7 +59,8 @@ def test_every_exported_transform_is_listed():
     """A new public optimizer or transform must join BUILDERS (and so the
     extra-args check): every ``scale_by_*`` and alias riemax exports is there."""
     aliases = {"sgdg", "adamg", "adams", "adamsrt", "sgdmrt", "adamp", "sgdp"}
-    aliases |= {"nero", "rotational"}
+    aliases |= {"nero", "rotational", "manifold_muon", "hyperspherical_descent"}
+    aliases |= {"cayley_sgd", "cayley_adam"}
     factories = {n for n in riemax.__all__ if n.startswith("scale_by_")} | aliases
     assert factories <= set(BUILDERS), sorted(factories - set(BUILDERS))
     assert all(n in riemax.__all__ for n in BUILDERS)
@@ -104,6 +116,13 @@ def test_a_chain_with_a_transform_that_reads_an_extra_arg():
         (lambda: riemax.adamp(1e-3, b1=-0.5), "riemax.adamp"),
         (lambda: riemax.sgdp(0.1, momentum=1.5), "riemax.sgdp"),
         (lambda: riemax.nero(0.01, b2=1.0), "riemax.nero"),
+        (lambda: riemax.cayley_sgd(0.8, iterations=0), "riemax.cayley_sgd"),
+        (lambda: riemax.cayley_adam(0.5, start="paper"), "riemax.cayley_adam"),
+        (lambda: riemax.manifold_muon(0.1, dual_steps=0), "riemax.manifold_muon"),
+        (
+            lambda: riemax.hyperspherical_descent(-1.0),
+            "riemax.hyperspherical_descent",
+        ),
     ],
 )
 def test_errors_name_the_function_the_user_called(call, called):

@@ -11,5 +11,8 @@ reference side by side.
 * :mod:`reference.nero`: Nero;
 * :mod:`reference.rotational`: the rotational wrapper, its inner optimizers and
   equilibrium rates;
-* :mod:`reference.enorm`: one ENorm cycle.
+* :mod:`reference.cayley`: Cayley SGD and Cayley Adam on the Stiefel manifold;
+* :mod:`reference.enorm`: one ENorm cycle;
+* :mod:`reference.muon`: the Polar Express matrix sign, manifold Muon (dual
+  ascent with early stop) and hyperspherical descent.
 """
