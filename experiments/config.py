@@ -217,6 +217,10 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
     kind = dataset_kind(cfg["dataset"])
     for key, value in DATASET_DEFAULTS[kind].items():
+        # A config that gives its length in epochs keeps it on data whose
+        # recipe counts steps (digits): 5 epochs of batch 1024 stay 7 steps.
+        if key == "steps" and cfg["epochs"] is not None:
+            continue
         if cfg[key] is None:
             cfg[key] = list(value) if isinstance(value, list) else value
     if cfg["test_size"] is not None and kind != "digits":
@@ -270,8 +274,10 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg["weight_decay"] = decays["kernel"]
     for group in ("manifold", "bias", "gamma", "beta"):
         cfg[f"{group}_decay"] = decays[group]
-    _choice(cfg, "labels", LABEL_MODES)
     entry = optimizers.lookup(cfg["optimizer"])
+    if cfg["labels"] is None:
+        cfg["labels"] = entry.default_labels
+    _choice(cfg, "labels", LABEL_MODES)
     if cfg["unit_init"] is None:
         cfg["unit_init"] = entry.sphere
     _bool(cfg, "unit_init")

@@ -6,7 +6,8 @@ job runs anywhere without a download. It is :mod:`experiments.main` with
 behaviour, with the digits recipe (stratified 1437/360 split by ``split_seed``,
 ``vgg-small``: two stages of two 3x3 conv -> BN -> ReLU with widths 32, 64 and a
 linear classifier, batch 64, 300 steps, a warm-up over the first epoch and
-cosine decay, structural labels).
+cosine decay, structural labels; the paper's rule for the optimizers that keep
+the weights on a manifold).
 
 Run::
 

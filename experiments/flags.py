@@ -218,8 +218,16 @@ def build_parser(
             default=None,
             metavar="V",
             help=f"= --{key}"
-            + (" (the manifold kernels of sgdg/adamg)" if key == "lr_manifold" else "")
-            + (" (not the manifold kernels of sgdg/adamg)" if key == "lr" else ""),
+            + (
+                " (the manifold kernels of the hybrids with two rates)"
+                if key == "lr_manifold"
+                else ""
+            )
+            + (
+                " (not the manifold kernels of the hybrids with two rates)"
+                if key == "lr"
+                else ""
+            ),
         )
     paper.add_argument(
         "--data",

@@ -98,23 +98,26 @@ KEYS: dict[str, Key] = {
     "optimizer": Key(
         "sgdg",
         "sgd, sgdg, adamg, adams, adamsrt, sgdmrt, adam, adamw, adamp, sgdp, "
-        "nero, rotational-adamw or rotational-sgdm",
+        "nero, rotational-adamw, rotational-sgdm, cayley-sgd, cayley-adam, "
+        "manifold-muon or hyperspherical",
         "str",
     ),
     "lr": Key(
         None,
-        "learning rate of every parameter, except the manifold kernels of "
-        "sgdg/adamg (--lr_manifold); see 'learning rates' below",
+        "learning rate of every parameter, except the manifold kernels of the "
+        "hybrids with two rates (--lr_manifold); see 'learning rates' below",
         "number",
     ),
     "lr_manifold": Key(
         None,
-        "sgdg/adamg only: learning rate of the manifold kernels (--lr does not "
-        "reach them)",
+        "hybrids with two rates only (see 'learning rates' below): learning "
+        "rate of the manifold kernels (--lr does not reach them)",
         "number",
     ),
     "momentum": Key(
-        None, "momentum (sgd, sgdg, sgdmrt; the hybrids' Euclidean half)", "number"
+        None,
+        "momentum (sgd, sgdg, sgdmrt, cayley-sgd; the hybrids' Euclidean half)",
+        "number",
     ),
     "nesterov": Key(None, "Nesterov momentum for sgd and the Euclidean half", "bool"),
     "b1": Key(None, "first-moment decay (Adam family)", "number"),
@@ -141,7 +144,11 @@ KEYS: dict[str, Key] = {
     "gamma_decay": Key(None, "L2 on BatchNorm scales (None: as bias_decay)", "number"),
     "beta_decay": Key(None, "L2 on BatchNorm offsets (None: as bias_decay)", "number"),
     "labels": Key(
-        "structural", "manifold split: structural, paper or invariance", "str"
+        None,
+        "manifold split: structural, paper or invariance (None: paper for "
+        "cayley-sgd, cayley-adam, manifold-muon and hyperspherical, whose manifold "
+        "is part of the algorithm; structural otherwise)",
+        "str",
     ),
     "unit_init": Key(
         None, "unit-norm manifold kernels at init (None: sgdg/adamg)", "bool"
@@ -155,8 +162,8 @@ KEYS: dict[str, Key] = {
     "schedule": Key(
         None,
         "learning-rate schedule of every group: constant, piecewise (the "
-        "papers' steps, strict >), multistep, linear or cosine (to 0 at the "
-        "last step)",
+        "papers' steps, strict >), multistep, linear (per epoch), linear_steps "
+        "(per step, to 0 at the end) or cosine (to 0 at the last step)",
         "str",
     ),
     "warmup_epochs": Key(
@@ -230,8 +237,8 @@ KEYS: dict[str, Key] = {
     "stop_diverged": Key(
         None,
         "stop a run at its first divergence warning (training loss at or above "
-        "chance after epoch 1, or grown 10x); exit status 1 (None: on under "
-        "--task=compare, else off)",
+        "chance after epoch 1 and at least 10 steps, or grown 10x); exit status "
+        "1 (None: on under --task=compare, else off)",
         "bool",
         resumable=True,
         compiled=False,
@@ -303,7 +310,7 @@ def extension(saved: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
             f" (its warm-up, capped at the run's length, goes from "
             f"{saved.get('warmup_steps', 0)} to {new['warmup_steps']} steps)"
         )
-    if new.get("schedule") in ("cosine", "linear"):
+    if new.get("schedule") in ("cosine", "linear", "linear_steps"):
         line += (
             f" (its {new['schedule']} schedule is stretched to the new length: "
             "the learning rate goes up from where it ended)"

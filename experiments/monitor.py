@@ -5,9 +5,13 @@ status 1). Two slower failures let the loss stay finite while nothing is
 learned, and :class:`LossWatch` reports them:
 
 - ``chance``: at the first log line at or after the end of the first epoch
-  (``steps_per_epoch``), the training loss of the last epoch's steps (those of
-  the logged window, at most one epoch of them) is still at or above the loss of
-  a uniform guess, ``ln(num_classes)``;
+  (``steps_per_epoch``) and after at least :data:`CHANCE_MIN_STEPS` steps, the
+  training loss of the last epoch's steps (those of the logged window, at most
+  one epoch of them) is still at or above the loss of a uniform guess,
+  ``ln(num_classes)``. The floor matters where an epoch is one or two steps
+  (a small data set at a large batch: digits at batch 1024): the loss logged at
+  step 1 is that of the initial parameters, at chance whatever the optimizer,
+  and no verdict is given before a run has taken some steps;
 - ``grown``: a logged training loss is at least ``growth`` (10) times the first
   logged one.
 
@@ -33,6 +37,8 @@ class TrainingDiverged(RuntimeError):
 
 
 GROWTH = 10.0
+#: The chance test waits for at least this many steps, however short an epoch.
+CHANCE_MIN_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +71,20 @@ class LossWatch:
       num_classes: Classes of the data (chance loss ``ln(num_classes)``).
       steps_per_epoch: Steps of one epoch.
       growth: Factor over the first logged loss that counts as blown up.
+      min_steps: The chance test's floor (:data:`CHANCE_MIN_STEPS`).
     """
 
-    def __init__(self, num_classes: int, steps_per_epoch: int, growth: float = GROWTH):
+    def __init__(
+        self,
+        num_classes: int,
+        steps_per_epoch: int,
+        growth: float = GROWTH,
+        min_steps: int = CHANCE_MIN_STEPS,
+    ):
         self.chance = math.log(num_classes)
         self.steps_per_epoch = steps_per_epoch
+        #: The step from which the chance test gives its verdict.
+        self.chance_at = max(steps_per_epoch, min_steps)
         self.growth = growth
         self.start: float | None = None
         self.epoch_checked = False
@@ -81,7 +96,7 @@ class LossWatch:
             if r.get("split") == "train":
                 if self.start is None:
                     self.start = float(r["loss"])
-                if r["step"] >= self.steps_per_epoch:
+                if r["step"] >= self.chance_at:
                     self.epoch_checked = True
             elif r.get("split") == WARNING_SPLIT:
                 self.warnings.append(
@@ -122,7 +137,7 @@ class LossWatch:
                     "rate(s) or add warm-up (--warmup_epochs)",
                 )
             )
-        if not self.epoch_checked and step >= self.steps_per_epoch:
+        if not self.epoch_checked and step >= self.chance_at:
             self.epoch_checked = True
             if "chance" not in fired and recent >= self.chance:
                 epochs = step / self.steps_per_epoch

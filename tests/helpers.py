@@ -330,6 +330,13 @@ OPTIMIZERS = {
             {"weight_decay": 1e-4},
             kernels_only=True,
         ),
+        # The Stiefel and sphere optimizers that keep the weights themselves on
+        # their manifold (the runner puts them there once, riemax.to_manifold),
+        # at their sources' manifold rates.
+        Optimizer("cayley-sgd", riemax.cayley_sgd, 0.8, kernels_only=True),
+        Optimizer("cayley-adam", riemax.cayley_adam, 0.5, kernels_only=True),
+        Optimizer("manifold-muon", riemax.manifold_muon, 0.1, kernels_only=True),
+        Optimizer("hyperspherical", riemax.hyperspherical_descent, 0.1),
     ]
 }
 

@@ -23,6 +23,7 @@ if _ROOT not in sys.path:
 SCRIPTS = (
     "headline",
     "optimizer_step",
+    "stiefel",
     "train_step",
     pytest.param("compile_memory", marks=pytest.mark.slow),
     pytest.param("scaling", marks=pytest.mark.slow),

@@ -339,6 +339,10 @@ def test_optimizer_table_defaults_and_validation():
         "nero",
         "rotational-adamw",
         "rotational-sgdm",
+        "cayley-sgd",
+        "cayley-adam",
+        "manifold-muon",
+        "hyperspherical",
     ]
     # the defaults of the AdamP and Nero papers (docs/algorithms.md#sgdp-and-adamp, #nero)
     assert optimizers.resolve_hyper("adamp", {}) == {

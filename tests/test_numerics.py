@@ -60,7 +60,7 @@ def _finite(tree):
 
 def all_finite(tree):
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(_finite(leaves))
+    return bool(_finite(leaves)) if leaves else True  # e.g. a state of counts only
 
 
 @functools.cache

@@ -48,16 +48,25 @@ def test_help_says_which_flag_sets_which_learning_rate(capsys):
     assert "--lr V learning rate of every parameter, except the manifold kernels" in (
         text
     )
-    assert "sgdg/adamg only: learning rate of the manifold kernels (--lr does not " in (
-        text
+    assert (
+        "hybrids with two rates only (see 'learning rates' below): learning rate "
+        "of the manifold kernels (--lr does not " in text
     )
-    assert "--learnRateG V = --lr_manifold (the manifold kernels of sgdg/adamg)" in text
+    assert (
+        "--learnRateG V = --lr_manifold (the manifold kernels of the hybrids with "
+        "two rates)" in text
+    )
     assert (
         "sgdg, adamg: --lr (--learnRate): the Euclidean half only (Nesterov SGD on "
         "biases, BatchNorm, classifier and kernels off the manifold); --lr_manifold "
         "(--learnRateG): the manifold kernels" in text
     )
     assert "sgd, adam, adamw, adamp, sgdp, nero: --lr: every parameter" in text
+    assert (
+        "manifold-muon, hyperspherical: --lr: the Euclidean half only (AdamW on "
+        "biases, BatchNorm and kernels off the manifold); --lr_manifold: the "
+        "manifold kernels" in text
+    )
     assert "--warmup_epochs" in text and "cosine" in text
 
 

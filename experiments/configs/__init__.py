@@ -7,7 +7,12 @@
 - ``rbn.py``, ``srt.py``, ``enorm.py``: the three papers' published settings,
   one config per cell of their tables, chosen by the argument of
   ``get_config(arg)``; each file's docstring names its source (the paper, its
-  table, the repository's README or hyper-parameter file).
+  table, the repository's README or hyper-parameter file);
+- ``cayley.py`` (Li, Fuxin & Todorovic 2020: Cayley SGD/Adam on CIFAR WRN/VGG)
+  and ``muon.py`` (Bernstein 2025: manifold Muon, hyperspherical descent and
+  AdamW on a CIFAR-10 MLP): the recipes of the field's Stiefel and sphere
+  optimizers, in the same form; no results table ships with either, so their
+  cells are not presets (``--config=cayley:ARG``, ``--config=muon:ARG``).
 
 ``--config`` names one (:func:`load`): a file, with ``:ARG`` for the papers'
 (``experiments/configs/rbn.py:cifar10-wrn-28-10-sgdg``, or any ``.py`` file of

@@ -25,6 +25,9 @@ input_shape, **kw)``):
 - :mod:`~experiments.models.resnet` -- SRT post-activation ResNet-20 / ResNet-18;
 - :mod:`~experiments.models.enorm` -- the ENorm paper's bias-free FC and fully
   convolutional CIFAR-10 models (including the padded 1x1 conv quirk);
+- :mod:`~experiments.models.mlp` -- the 3-layer MLP of Bernstein's "Modular
+  Manifolds" experiment (flattened input -> 128 -> 64 -> classes, ReLU; ``mlp``
+  without biases as the original, ``mlp-bias`` with them; no BatchNorm);
 - :mod:`~experiments.models._layers` -- the initialisers and BatchNorms they share.
 
 Every model takes ``bn_momentum`` (running-average decay, default the paper's)
@@ -63,6 +66,8 @@ REGISTRY: dict[str, tuple[str, float]] = {
     "resnet18": ("resnet", 0.9),
     "enorm-fc": ("enorm", 0.9),
     "enorm-conv": ("enorm", 0.9),
+    "mlp": ("mlp", 0.9),
+    "mlp-bias": ("mlp", 0.9),
 }
 _WRN = re.compile(r"wrn-(\d+)-(\d+)")
 DEFAULT_INPUT_SHAPE = (32, 32, 3)
@@ -76,6 +81,7 @@ _EXPORTS = {
     "ResNet": "resnet",
     "EnormFC": "enorm",
     "EnormConv": "enorm",
+    "MLP": "mlp",
     "rbn_init": "_layers",
     "torch_default_init": "_layers",
     "torch_bias_init": "_layers",

@@ -6,7 +6,8 @@ Each :class:`OptimizerEntry` says how one named optimizer is built from a config
   whole tree, or the manifold leaves of a hybrid);
 - ``hyper``: its hyper-parameters (config keys) with their defaults;
 - ``lr`` / ``lr_manifold``: default learning rates (``lr_manifold`` only for the
-  hybrids, whose two halves have their own rates);
+  two-rate hybrids, ``nesterov_sgd`` and ``adamw_hybrid``, whose two halves have
+  their own rates);
 - ``companion``: what the parameters outside the manifold get,
 
   * ``"none"``: the factory runs on the whole tree (the labels only feed the
@@ -19,6 +20,10 @@ Each :class:`OptimizerEntry` says how one named optimizer is built from a config
   * ``"adamw"`` / ``"sgdm"``: the rotational wrapper on the manifold leaves, the
     wrapped optimizer's ordinary step (AdamW, momentum SGD) at ``lr`` elsewhere
     (Kosson et al.);
+  * ``"adamw_hybrid"``: AdamW (``b1``, ``b2``, ``eps``, decoupled decay) at ``lr``
+    on the Euclidean leaves, the factory at ``lr_manifold`` on the manifold leaves
+    (manifold Muon and hyperspherical descent, Bernstein 2025, whose AdamW
+    baseline this is);
 
 - ``decay``: ``"coupled"`` (L2 added to the gradient before the optimizer, the
   originals' ``weight_decay``) or ``"decoupled"`` (the factory receives the
@@ -29,11 +34,29 @@ Each :class:`OptimizerEntry` says how one named optimizer is built from a config
 - ``init_params(params, labels)``: the optimizer's construction-time projection
   of the initial parameters (Nero's ``nero_project``, the wrapper's
   ``center_units``);
+- ``start``: the :func:`riemax.to_manifold` method (``"qr"``, ``"msign"``,
+  ``"normalize"``) that puts the manifold kernels on the optimizer's manifold once,
+  at init, before its state is created (the Stiefel and sphere optimizers that
+  keep the weights themselves there); a resumed run restores its kernels as they
+  were and is not projected again;
+- ``fan``: ``"tall"`` where the manifold takes only kernels whose matrix view
+  ``w.reshape(-1, out)`` is tall (fan-in >= fan-out: orthonormal units, Cayley
+  SGD/Adam): a wider kernel that the labels put on the manifold is moved to the
+  Euclidean half, whatever the ``labels`` mode; ``"any"``: no condition;
+- ``reset_at_decay``: the optimizer's state is reset (the optimizer rebuilt, as
+  the Cayley authors' code does) at every decay of a step schedule
+  (``piecewise``, ``multistep``): moments, counts and bias corrections start
+  afresh while the learning rates follow the run's schedule;
 - ``decay_all``: by default biases and BatchNorm scales/offsets are decayed like the
   kernels (the papers' SGD/Adam baselines), otherwise only kernels are;
 - ``paper_labels``: the rule that ``--labels=paper`` means for this optimizer
   (``"rbn"``: name contains ``conv`` and fan-in > fan-out; ``"srt"``: every conv
-  kernel; ``"ndim"``: every leaf with at least two axes).
+  kernel; ``"ndim"``: every leaf with at least two axes; ``"stiefel"``: name
+  contains ``conv`` and fan-in >= fan-out, the Cayley authors' rule;
+  ``"kernels"``: every kernel, ``riemax.labels_by_rule(pattern="", fan="any")``,
+  Bernstein's "every weight on the manifold"). For the optimizers with a
+  ``start`` it is also the default split (``labels`` ``None``): their manifold
+  is part of the algorithm.
 
 Adding an optimizer is adding one entry to :data:`OPTIMIZERS`.
 
@@ -61,6 +84,7 @@ from experiments.optimizers.groups import (
 from experiments.optimizers.schedules import (
     LENGTH_DEPENDENT,
     SCHEDULES,
+    decay_counts,
     make_schedule,
     schedule_of,
 )
@@ -75,11 +99,15 @@ __all__ = [
     "HYPER_KEYS",
     "LENGTH_DEPENDENT",
     "OPTIMIZERS",
+    "PAPER_LABELS",
     "SCHEDULES",
+    "START_METHODS",
+    "TWO_RATES",
     "WEIGHT_DECAY",
     "OptimizerEntry",
     "add_decay",
     "build",
+    "decay_counts",
     "decay_tree",
     "group_decays",
     "learning_rate_help",
@@ -109,14 +137,26 @@ class OptimizerEntry:
     decay_all: bool = False
     paper_labels: str = "rbn"
     description: str = ""
+    start: str | None = None
+    fan: str = "any"
+    reset_at_decay: bool = False
 
     def __post_init__(self):
         if self.companion not in COMPANIONS:
             raise ValueError(f"{self.name}: unknown companion {self.companion!r}")
         if self.decay not in ("coupled", "decoupled"):
             raise ValueError(f"{self.name}: unknown decay {self.decay!r}")
-        if (self.lr_manifold is None) == (self.companion == "nesterov_sgd"):
-            raise ValueError(f"{self.name}: lr_manifold is for nesterov_sgd hybrids")
+        if (self.lr_manifold is None) == (self.companion in TWO_RATES):
+            raise ValueError(
+                f"{self.name}: lr_manifold is for the two-rate hybrids "
+                f"({', '.join(TWO_RATES)})"
+            )
+        if self.start is not None and self.start not in START_METHODS:
+            raise ValueError(f"{self.name}: unknown start method {self.start!r}")
+        if self.fan not in ("any", "tall"):
+            raise ValueError(f"{self.name}: unknown fan {self.fan!r}")
+        if self.paper_labels not in PAPER_LABELS:
+            raise ValueError(f"{self.name}: unknown paper_labels {self.paper_labels!r}")
         object.__setattr__(self, "hyper", MappingProxyType(dict(self.hyper)))
 
     @property
@@ -125,10 +165,29 @@ class OptimizerEntry:
         keys = ["lr", *self.hyper]
         if self.companion == "nesterov_sgd":
             keys += ["lr_manifold", "momentum", "nesterov"]
+        elif self.companion == "adamw_hybrid":
+            keys += ["lr_manifold", *_ADAM_HYPER]
         return tuple(dict.fromkeys(keys))
 
+    @property
+    def default_labels(self) -> str:
+        """The ``labels`` mode of a config that leaves it ``None``: the paper's
+        rule where the manifold is part of the algorithm (a ``start``), else the
+        structural split."""
+        return "paper" if self.start is not None else "structural"
 
-COMPANIONS = ("none", "nesterov_sgd", "elementwise", "adamw", "sgdm")
+
+COMPANIONS = ("none", "nesterov_sgd", "elementwise", "adamw", "sgdm", "adamw_hybrid")
+#: The companions whose two halves have their own learning rates.
+TWO_RATES = ("nesterov_sgd", "adamw_hybrid")
+#: The start projections (:func:`riemax.to_manifold` methods) an entry may name;
+#: each with what it does, for ``--help``.
+START_METHODS = {
+    "qr": "orthonormal units by QR",
+    "msign": "the matrix sign, every singular value 1",
+    "normalize": "each kernel scaled to norm 1 as a whole",
+}
+PAPER_LABELS = ("rbn", "srt", "ndim", "stiefel", "kernels")
 _SGD_HYPER = {"momentum": 0.9, "nesterov": True}
 _P_HYPER = {"eps": 1e-8, "delta": 0.1, "wd_ratio": 0.1}
 _ADAM_HYPER = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
@@ -275,12 +334,75 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             description="momentum SGD's direction rotating the manifold kernels at "
             "the equilibrium rate, momentum SGD elsewhere (Kosson et al. 2024)",
         ),
+        OptimizerEntry(
+            "cayley-sgd",
+            factories.cayley_sgd,
+            {"momentum": 0.9},
+            lr=0.1,
+            lr_manifold=0.8,
+            companion="nesterov_sgd",
+            fixed_norm=True,
+            start="qr",
+            fan="tall",
+            reset_at_decay=True,
+            paper_labels="stiefel",
+            description="Cayley SGD keeping the units of each tall manifold kernel "
+            "orthonormal, Nesterov SGD with L2 elsewhere; rebuilt at each decay "
+            "(Li, Fuxin & Todorovic 2020, the authors' README rates)",
+        ),
+        OptimizerEntry(
+            "cayley-adam",
+            factories.cayley_adam,
+            {"b1": 0.9, "b2": 0.99, "eps": 1e-8},
+            lr=0.1,
+            lr_manifold=0.5,
+            companion="nesterov_sgd",
+            fixed_norm=True,
+            start="qr",
+            fan="tall",
+            reset_at_decay=True,
+            paper_labels="stiefel",
+            description="Cayley Adam keeping the units of each tall manifold "
+            "kernel orthonormal, Nesterov SGD with L2 elsewhere; rebuilt at each "
+            "decay (Li, Fuxin & Todorovic 2020, the authors' README rates)",
+        ),
+        OptimizerEntry(
+            "manifold-muon",
+            factories.manifold_muon,
+            {},
+            lr=1e-3,
+            lr_manifold=0.1,
+            companion="adamw_hybrid",
+            decay="decoupled",
+            fixed_norm=True,
+            start="msign",
+            paper_labels="kernels",
+            description="manifold Muon keeping every manifold kernel on the "
+            "Stiefel manifold (all singular values 1), AdamW elsewhere, no weight "
+            "decay (Bernstein 2025)",
+        ),
+        OptimizerEntry(
+            "hyperspherical",
+            factories.hyperspherical_descent,
+            {},
+            lr=1e-3,
+            lr_manifold=0.1,
+            companion="adamw_hybrid",
+            decay="decoupled",
+            fixed_norm=True,
+            start="normalize",
+            paper_labels="kernels",
+            description="hyperspherical descent keeping every manifold kernel, as "
+            "one vector, at norm 1, AdamW elsewhere, no weight decay (Bernstein "
+            "2025)",
+        ),
     ]
 }
 
 #: Default ``weight_decay`` per optimizer where it is not the common 5e-4
 #: (PyTorch AdamW's default).
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "adamp": 0.01, "sgdp": 1e-5, "nero": 0.0}
+DEFAULT_WEIGHT_DECAY |= {"manifold-muon": 0.0, "hyperspherical": 0.0}
 WEIGHT_DECAY = 5e-4
 
 #: The hyper-parameter keys of all optimizers (config keys, default ``None``).
@@ -311,15 +433,32 @@ _WHO_GETS_LR = {
     "turn at the equilibrium rate of --lr and --weight_decay)",
     "sgdm": "--lr: both halves (momentum SGD off the manifold; the manifold "
     "kernels turn at the equilibrium rate of --lr and --weight_decay)",
+    "adamw_hybrid": "--lr: the Euclidean half only (AdamW on biases, BatchNorm "
+    "and kernels off the manifold); --lr_manifold: the manifold kernels",
 }
 
 
 def learning_rate_help() -> list[str]:
-    """Which flag sets which learning rate, one line per kind of optimizer."""
-    by_kind: dict[str, list[str]] = {}
+    """Which flag sets which learning rate, one line per kind of optimizer (the
+    optimizers that keep the weights on a manifold also say how they start)."""
+    by_kind: dict[tuple[str, bool], list[OptimizerEntry]] = {}
     for entry in OPTIMIZERS.values():
-        by_kind.setdefault(entry.companion, []).append(entry.name)
-    return [f"{', '.join(names)}: {_WHO_GETS_LR[k]}" for k, names in by_kind.items()]
+        by_kind.setdefault((entry.companion, entry.start is not None), []).append(entry)
+    lines = []
+    for (companion, starts), entries in by_kind.items():
+        line = f"{', '.join(e.name for e in entries)}: {_WHO_GETS_LR[companion]}"
+        if starts:
+            how: dict[str, list[str]] = {}
+            for e in entries:
+                how.setdefault(START_METHODS[e.start], []).append(e.name)
+            line += ", put on their manifold once at init"
+            if len(how) == 1:
+                line += f" ({next(iter(how))})"
+            else:
+                line += " (" + "; ".join(f"{', '.join(n)}: {h}" for h, n in how.items())
+                line += ")"
+        lines.append(line)
+    return lines
 
 
 def resolve_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,6 +475,8 @@ def resolve_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {"lr": entry.lr, **entry.hyper}
     if entry.companion == "nesterov_sgd":
         defaults |= {"lr_manifold": entry.lr_manifold} | _SGD_HYPER
+    elif entry.companion == "adamw_hybrid":
+        defaults |= {"lr_manifold": entry.lr_manifold} | _ADAM_HYPER
     out = {k: (given[k] if given.get(k) is not None else defaults[k]) for k in keys}
     return out
 

@@ -10,8 +10,8 @@ config checks, which run before JAX is loaded (a wrong flag is reported at once)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from experiments.optimizers.groups import add_decay
 
@@ -122,6 +122,30 @@ def rotational_sgdm(learning_rate, *, momentum, weight_decay):
     return riemax.rotational(optax.trace(momentum), rate)
 
 
+def cayley_sgd(learning_rate, *, momentum):
+    import riemax
+
+    return riemax.cayley_sgd(learning_rate, momentum=momentum)
+
+
+def cayley_adam(learning_rate, *, b1, b2, eps):
+    import riemax
+
+    return riemax.cayley_adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def manifold_muon(learning_rate):
+    import riemax
+
+    return riemax.manifold_muon(learning_rate)
+
+
+def hyperspherical_descent(learning_rate):
+    import riemax
+
+    return riemax.hyperspherical_descent(learning_rate)
+
+
 def nero_project(params, labels):
     import riemax
 
@@ -153,6 +177,54 @@ def adamw(learning_rate, *, b1, b2, eps, decay):
     )
 
 
+class RebuiltState(NamedTuple):
+    """State of :func:`rebuilt_at`: the update count and the inner state."""
+
+    count: Any  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    inner: Any
+
+
+def rebuilt_at(
+    make: Callable[..., optax.GradientTransformation],
+    rates: Mapping[str, Callable[[Any], Any]],
+    counts: Sequence[int],
+) -> optax.GradientTransformation:
+    """An optimizer that is rebuilt before the updates numbered ``counts``
+    (0-based): its whole state (moments, counts, bias corrections) is that of a
+    fresh ``init`` there, as when the original code creates a new optimizer at a
+    learning-rate decay.
+
+    ``make(**values)`` builds the optimizer with constant learning rates
+    ``values``; ``rates`` maps each name to its schedule of the update count,
+    which this wrapper's own count drives (so the rates go on with the run's
+    schedule where the inner counts start again).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    at = jnp.asarray(sorted(set(int(c) for c in counts)) or [-1], jnp.int32)
+
+    def values(count):
+        return {k: jnp.asarray(f(count), jnp.float32) for k, f in rates.items()}
+
+    def init_fn(params):
+        count = jnp.zeros([], jnp.int32)
+        return RebuiltState(count, make(**values(count)).init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        tx = make(**values(state.count))
+        reset = jnp.any(state.count == at)
+        fresh = tx.init(params)
+        inner = jax.tree.map(
+            lambda new, old: jnp.where(reset, new, old), fresh, state.inner
+        )
+        updates, inner = tx.update(updates, inner, params, **extra)
+        return updates, RebuiltState(optax.safe_increment(state.count), inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def build(
     name: str,
     hyper: Mapping[str, Any],
@@ -160,6 +232,7 @@ def build(
     *,
     schedule: Callable[[float], optax.ScalarOrSchedule] = lambda lr: lr,
     decay: Any = None,
+    rebuild_at: Sequence[int] = (),
 ) -> optax.GradientTransformation:
     """The optimizer ``name`` with resolved ``hyper`` (:func:`resolve_hyper`).
 
@@ -171,10 +244,24 @@ def build(
         It is applied to every learning rate of the optimizer: ``lr`` and, for
         the hybrids with two rates, ``lr_manifold``.
       decay: Per-leaf decay tree (:func:`decay_tree`), or ``None`` for none.
+      rebuild_at: Update counts (0-based) before which the whole optimizer is
+        rebuilt, its state reset (:func:`rebuilt_at`; the entries with
+        ``reset_at_decay`` get :func:`~experiments.optimizers.decay_counts`);
+        empty: never.
 
     Returns:
       A :class:`optax.GradientTransformation`.
     """
+    if rebuild_at:
+        rates = {"lr": schedule(hyper["lr"])}
+        if hyper.get("lr_manifold") is not None:
+            rates["lr_manifold"] = schedule(hyper["lr_manifold"])
+        rates = {k: v if callable(v) else (lambda _, v=v: v) for k, v in rates.items()}
+        return rebuilt_at(
+            lambda **values: build(name, dict(hyper) | values, labels, decay=decay),
+            rates,
+            rebuild_at,
+        )
     import jax
     import optax
 
@@ -197,6 +284,12 @@ def build(
         if entry.decay == "coupled" and has_decay:
             return optax.chain(add_decay(decay), main)
         return main
+    if entry.companion == "adamw_hybrid":
+        keys = ("b1", "b2", "eps")
+        euclidean = adamw(lr, **{k: hyper[k] for k in keys}, decay=decay)
+        return riemax.hybrid(
+            entry.factory(schedule(hyper["lr_manifold"]), **fargs), euclidean, labels
+        )
     if entry.decay == "decoupled":
         fargs["decay"] = decay
     if entry.companion == "none":

@@ -5,11 +5,12 @@ Schedules (:func:`make_schedule`) reproduce the three papers: ``"piecewise"``
 0-based update count), ``"multistep"`` (Roburin et al.: PyTorch ``MultiStepLR``
 stepped once per epoch, ``lr * factor ** #{m in decay_epochs: epoch >= m}``),
 ``"linear"`` (Stock et al.: ``lr * (E - epoch) / E`` set at the start of each
-epoch) and ``"constant"``; ``"cosine"`` (:func:`optax.cosine_decay_schedule` to 0
-at the end of the run) is the recipe for data without a paper preset. A linear
-warm-up (``warmup_steps``) multiplies any of them. Every learning rate of an
-optimizer follows the same schedule: both halves of a hybrid, the manifold and
-the Euclidean one alike.
+epoch), ``"linear_steps"`` (Bernstein 2025: ``lr * (1 - t / T)`` at update ``t``
+of ``T``, :func:`optax.linear_schedule` to 0 step by step) and ``"constant"``;
+``"cosine"`` (:func:`optax.cosine_decay_schedule` to 0 at the end of the run) is
+the recipe for data without a paper preset. A linear warm-up (``warmup_steps``)
+multiplies any of them. Every learning rate of an optimizer follows the same
+schedule: both halves of a hybrid, the manifold and the Euclidean one alike.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import optax
 
-SCHEDULES = ("constant", "piecewise", "multistep", "linear", "cosine")
+SCHEDULES = ("constant", "piecewise", "multistep", "linear", "cosine", "linear_steps")
 #: Schedules whose shape depends on the length of the run (``steps``).
-LENGTH_DEPENDENT = ("cosine",)
+LENGTH_DEPENDENT = ("cosine", "linear_steps")
 
 
 def schedule_of(cfg: dict, base: float) -> optax.Schedule:
@@ -40,6 +41,23 @@ def schedule_of(cfg: dict, base: float) -> optax.Schedule:
     )
 
 
+def decay_counts(cfg: dict) -> list[int]:
+    """The update counts (0-based) of a resolved config at which its step
+    schedule first applies each decay: ``s + 1`` for every decay step ``s`` of
+    ``"piecewise"`` (strict ``>``), ``ceil(m) * steps_per_epoch`` for every
+    milestone ``m`` of ``"multistep"``; none for the other schedules (the
+    counts depend on compiled keys only, not on the run's length)."""
+    import math
+
+    if cfg["schedule"] == "piecewise":
+        counts = [int(s) + 1 for s in cfg["decay_steps"]]
+    elif cfg["schedule"] == "multistep":
+        counts = [math.ceil(m) * cfg["steps_per_epoch"] for m in cfg["decay_epochs"]]
+    else:
+        counts = []
+    return sorted({c for c in counts if c > 0})
+
+
 def make_schedule(
     base: float,
     kind: str,
@@ -55,9 +73,10 @@ def make_schedule(
     """The learning rate as a function of the 0-based update count.
 
     ``kind`` is one of :data:`SCHEDULES`: the papers' ``"piecewise"``,
-    ``"multistep"`` and ``"linear"`` (see the module docstring), ``"constant"``,
-    or ``"cosine"``: :func:`optax.cosine_decay_schedule` from ``base`` down to 0
-    over the ``total_steps - warmup_steps`` updates after the warm-up.
+    ``"multistep"``, ``"linear"`` and ``"linear_steps"`` (see the module
+    docstring), ``"constant"``, or ``"cosine"``: :func:`optax.cosine_decay_schedule`
+    from ``base`` down to 0 over the ``total_steps - warmup_steps`` updates after
+    the warm-up (``"linear_steps"`` decays over the same updates).
 
     With ``warmup_steps = W > 1`` the schedule is multiplied by a linear ramp
     (:func:`optax.linear_schedule`) from ``1/W`` at update 0 to 1 at update
@@ -102,6 +121,14 @@ def make_schedule(
 
         def schedule(count):
             return cosine(jnp.maximum(jnp.asarray(count, jnp.int32) - warmup_steps, 0))
+
+    elif kind == "linear_steps":
+        if not total_steps:
+            raise ValueError("the linear_steps schedule needs total_steps")
+        line = optax.linear_schedule(base, 0.0, max(total_steps - warmup_steps, 1))
+
+        def schedule(count):
+            return line(jnp.maximum(jnp.asarray(count, jnp.int32) - warmup_steps, 0))
 
     else:
         raise ValueError(f"unknown schedule {kind!r}; valid schedules: {SCHEDULES}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -81,7 +82,35 @@ def _paper_labels(params: Any, rule: str) -> tuple[Any, dict[str, str]]:
             [(r"conv[^/]*(/\d+)?/kernel$", riemax.MANIFOLD), (".*", riemax.EUCLIDEAN)],
             return_details=True,
         )
+    if rule == "stiefel":  # the Cayley authors' rule: conv, fan-in >= fan-out
+        return riemax.labels_by_rule(params, "conv", fan="tall", return_details=True)
+    if rule == "kernels":  # Bernstein's: every weight matrix on the manifold
+        return riemax.labels_by_rule(params, "", fan="any", return_details=True)
     return riemax.labels_by_rule(params, "conv", return_details=True)
+
+
+def _tall_only(params: Any, labels: Any, why: dict[str, str]):
+    """The labels with every manifold kernel whose matrix view
+    ``w.reshape(-1, out)`` is wide (fan-in < fan-out) moved to the Euclidean
+    half, and the reason added to ``why`` (orthonormal units need a tall
+    matrix)."""
+    why = dict(why)
+
+    def one(path, p, label):
+        if label != riemax.MANIFOLD:
+            return label
+        fan_in = math.prod(p.shape[:-1]) if p.ndim >= 2 else 0
+        if p.ndim >= 2 and fan_in >= p.shape[-1]:
+            return label
+        where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        why[where] = (
+            f"wide (fan-in {fan_in} < fan-out {p.shape[-1] if p.ndim else 0}): "
+            "its units cannot be orthonormal, kept Euclidean"
+        )
+        return riemax.EUCLIDEAN
+
+    labels = jax.tree_util.tree_map_with_path(one, params, labels)
+    return labels, why
 
 
 def _batchnorm_paths(model: nnx.Module) -> set[str]:
@@ -179,6 +208,8 @@ class Trainer:
 
     def _finish(self) -> None:
         cfg = self.cfg
+        if self.entry.fan == "tall":
+            self.labels, self.why = _tall_only(self.abs_params, self.labels, self.why)
         groups = optimizers.param_groups(self.abs_params, self.labels, self.bn_paths)
         self.groups = groups
         decays = {
@@ -194,6 +225,9 @@ class Trainer:
             self.labels,
             schedule=self.schedule,
             decay=optimizers.decay_tree(groups, decays),
+            rebuild_at=(
+                optimizers.decay_counts(cfg) if self.entry.reset_at_decay else ()
+            ),
         )
         self.lr_fns = {"lr": self.schedule(self.hyper["lr"])}
         if self.hyper.get("lr_manifold") is not None:
@@ -220,6 +254,10 @@ class Trainer:
                 )
             if self.entry.init_params is not None:
                 params = self.entry.init_params(params, labels)
+            if self.entry.start is not None:
+                # Once, before the optimizer state: a resumed run restores its
+                # params over this state and is not projected again.
+                params = riemax.to_manifold(params, self.entry.start, labels)
             return {
                 "step": jnp.zeros([], jnp.int32),
                 "rng": jax.random.key_data(jax.random.key(seed)),
