@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The tolerance the README states: the largest difference of a leaf, relative
@@ -39,6 +41,10 @@ print("RESULT " + json.dumps(out))
 """
 
 
+# The default run keeps the fast variant of this check:
+# tests/test_experiment_train.py::test_pmap_and_sharded_runs_equal_a_one_device_run
+# (6 steps on 8 devices, pmap and sharded, params and BatchNorm statistics).
+@pytest.mark.slow
 def test_two_devices_take_the_step_of_one_to_float32_rounding():
     env = dict(os.environ, PYTHONPATH=ROOT)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
