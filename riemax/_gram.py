@@ -395,12 +395,20 @@ class Fallback(NamedTuple):
     value: Any
     mask: jax.Array
     compute: Callable[[], Any]
+    #: Optionally the mask of every unit of the step (flat), of which ``mask`` is
+    #: this leaf's part: the test then reads it once instead of once per leaf.
+    whole: jax.Array | None = None
 
 
 def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
     if not requests:
         return []
-    needed = jnp.any(jnp.stack([jnp.any(r.mask) for r in requests]))
+    masks: list[jax.Array] = []
+    for r in requests:
+        m = r.mask if r.whole is None else r.whole
+        if not any(m is x for x in masks):
+            masks.append(m)
+    needed = jnp.any(jnp.stack([jnp.any(m) for m in masks]))
 
     def careful():
         return [

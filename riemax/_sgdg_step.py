@@ -97,25 +97,29 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
         (w_acc, g, s), _PAIRS, axes, verify_zero=(0,), derive=derive
     )
     hh, hw = gr.derived[0], gr.derived[1]
-    radial = hh < TRUSTED_FRACTION * gr.values[5]
+    # Units whose projected gradient cancels: tested once for every unit of the
+    # step (the third derived array), each leaf's part read inside the branch.
+    radial = gr.derived[2] > 0
 
     def direct():
         h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
         return inner(h, h, axes)
 
-    hh = yield Fallback(hh, radial, direct)
+    hh = yield Fallback(hh, radial, direct, gr.derived.arrays[2] > 0)
     coefficients, other = yield Batched(then, (gr, hh, inputs), gr.values[0].shape)
     delta, new = _write(coefficients, w_acc, g, s)
     return delta.astype(w.dtype), new, other
 
 
 def radial(gr: Gram, inputs, leaf, *, unit_eps):
-    """``(hh, hw)`` for every unit of the step at once: the squared norm of the
-    projected gradient from the Gram identity (exact unless it cancels) and its
-    coefficient ``h~ = g~ + hw w~``."""
+    """``(hh, hw, cancels)`` for every unit of the step at once: the squared norm
+    of the projected gradient from the Gram identity (exact unless it cancels),
+    its coefficient ``h~ = g~ + hw w~``, and 1 where it cancels (0 elsewhere)."""
     _, _, hw = _tangent(gr, unit_eps)
     ww, wg, gg = gr.values[0], gr.values[1], gr.values[5]
-    return combination((1.0, hw), (gg, wg, ww), PAIR_GRAM), hw
+    hh = combination((1.0, hw), (gg, wg, ww), PAIR_GRAM)
+    cancels = jnp.where(hh < TRUSTED_FRACTION * gg, 1.0, 0.0).astype(hh.dtype)
+    return hh, hw, cancels
 
 
 def _tangent(gr: Gram, unit_eps):
