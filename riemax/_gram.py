@@ -395,8 +395,9 @@ class Fallback(NamedTuple):
     value: Any
     mask: jax.Array
     compute: Callable[[], Any]
-    #: Optionally the mask of every unit of the step (flat), of which ``mask`` is
-    #: this leaf's part: the test then reads it once instead of once per leaf.
+    #: Optionally the mask of every unit of the step (flat; non-zero marks a
+    #: unit), of which ``mask`` is this leaf's part, the same array object for
+    #: every leaf: the test then reads it once instead of once per leaf.
     whole: jax.Array | None = None
 
 
@@ -408,7 +409,7 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
         m = r.mask if r.whole is None else r.whole
         if not any(m is x for x in masks):
             masks.append(m)
-    needed = jnp.any(jnp.stack([jnp.any(m) for m in masks]))
+    needed = jnp.any(jnp.stack([jnp.any(m != 0) for m in masks]))
 
     def careful():
         return [

@@ -136,8 +136,9 @@ def msign(
       steps: Number of iterations (static); 10 reach the polar factor of a
         well-conditioned matrix to rounding in float64.
       dtype: The dtype of the iterations (static): ``jnp.float32`` (default),
-        ``jnp.bfloat16`` (the original code's choice: faster on accelerators,
-        singular values only within about 4e-3 of 1) or ``jnp.float64``. The
+        ``jnp.bfloat16`` (the original code's choice, for accelerators with
+        bfloat16 matrix units; no faster on CPU; singular values only within
+        about 4e-3 of 1) or ``jnp.float64``. The
         normalisation is taken in at least float32; float32 and float64
         products run at full precision on every backend.
 

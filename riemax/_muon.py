@@ -271,8 +271,8 @@ def scale_by_manifold_muon(
       msign_steps: Iterations of every :func:`riemax.msign` (static).
       msign_dtype: Dtype of the :func:`riemax.msign` iterations (static):
         ``jnp.float32`` keeps :math:`\|W^\top W - I\|_F` at about 1e-6;
-        ``jnp.bfloat16`` (the original code) is faster on accelerators but leaves
-        it at about 1e-2.
+        ``jnp.bfloat16`` (the original code's choice, for accelerators with
+        bfloat16 matrix units; no faster on CPU) leaves it at about 1e-2.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with

@@ -105,7 +105,7 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
         h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
         return inner(h, h, axes)
 
-    hh = yield Fallback(hh, radial, direct, gr.derived.arrays[2] > 0)
+    hh = yield Fallback(hh, radial, direct, gr.derived.arrays[2])
     coefficients, other = yield Batched(then, (gr, hh, inputs), gr.values[0].shape)
     delta, new = _write(coefficients, w_acc, g, s)
     return delta.astype(w.dtype), new, other

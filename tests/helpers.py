@@ -18,6 +18,20 @@ import riemax
 
 SHAPES = {"conv": (3, 3, 4, 8), "dense": (16, 6)}
 
+#: The runner's smallest real run: the digits set through a two-stage VGG of
+#: widths 4 and 8, four steps of 16 images, quiet (``train_and_evaluate`` tests).
+TINY_RUN = {
+    "dataset": "digits",
+    "widths": [4, 8],
+    "convs_per_stage": 1,
+    "steps": 4,
+    "batch_size": 16,
+    "log_every": 2,
+    "eval_every": 4,
+    "checkpoint_every": 4,
+    "progress": False,
+}
+
 
 @contextlib.contextmanager
 def jax_config(name, value):

@@ -21,23 +21,13 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import fewer_by_default
+from helpers import TINY_RUN, fewer_by_default
 
 from experiments import cifar, compare, data, digits, train
 from experiments.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "dataset": "digits",
-    "widths": [4, 8],
-    "convs_per_stage": 1,
-    "steps": 4,
-    "batch_size": 16,
-    "log_every": 2,
-    "eval_every": 4,
-    "checkpoint_every": 4,
-    "progress": False,
-}
+TINY = TINY_RUN
 TINY_FLAGS = [
     "--widths=4,8",
     "--convs_per_stage=1",

@@ -15,23 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import TINY_RUN
 
 import riemax
 from experiments import config as config_lib
 from experiments import configs, digits, models, monitor, optimizers, train
 from riemax import diagnostics
 
-TINY = {
-    "dataset": "digits",
-    "widths": [4, 8],
-    "convs_per_stage": 1,
-    "steps": 4,
-    "batch_size": 16,
-    "log_every": 2,
-    "eval_every": 4,
-    "checkpoint_every": 2,
-    "progress": False,
-}
+TINY = TINY_RUN | {"checkpoint_every": 2}
 #: The optimizers with a start projection, and its method.
 STARTS = {
     "cayley-sgd": "qr",
