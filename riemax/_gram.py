@@ -399,6 +399,34 @@ class Fallback(NamedTuple):
     #: unit), of which ``mask`` is this leaf's part, the same array object for
     #: every leaf: the test then reads it once instead of once per leaf.
     whole: jax.Array | None = None
+    #: Optionally, with ``whole``, the flat array of every unit's fast form of
+    #: which ``value`` (an array) is the part ``span`` (first and last unit + 1):
+    #: leaves whose parts cover it cross the conditional as that one array,
+    #: not as one slice each.
+    whole_value: jax.Array | None = None
+    span: tuple[int, int] | None = None
+
+
+def _flat_members(requests: Sequence[Fallback]) -> list[int]:
+    """The requests that cross the conditional as one flat array: those with the
+    same ``whole`` and ``whole_value`` whose spans cover it, in order."""
+    first = requests[0]
+    if first.whole_value is None or first.whole is None:
+        return []
+    members = [
+        i
+        for i, r in enumerate(requests)
+        if r.whole_value is first.whole_value and r.whole is first.whole
+    ]
+    spans = sorted((requests[i].span, i) for i in members)
+    edge = 0
+    for (start, stop), _ in spans:
+        if start != edge:
+            return []
+        edge = stop
+    if edge != first.whole_value.shape[0]:
+        return []
+    return [i for _, i in spans]
 
 
 def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
@@ -410,16 +438,40 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
         if not any(m is x for x in masks):
             masks.append(m)
     needed = jnp.any(jnp.stack([jnp.any(m != 0) for m in masks]))
+    flat = _flat_members(requests)
+    rest = [i for i in range(len(requests)) if i not in set(flat)]
 
     def careful():
-        return [
+        out = [
             jax.tree.map(
-                lambda c, v, r=r: jnp.where(r.mask, c, v), r.compute(), r.value
+                lambda c, v, r=requests[i]: jnp.where(r.mask, c, v),
+                requests[i].compute(),
+                requests[i].value,
             )
-            for r in requests
+            for i in rest
         ]
+        if not flat:
+            return out, ()
+        first = requests[flat[0]]
+        pieces = [
+            jnp.broadcast_to(requests[i].compute(), requests[i].value.shape).reshape(-1)
+            for i in flat
+        ]
+        whole = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        return out, (jnp.where(first.whole != 0, whole, first.whole_value),)
 
-    return jax.lax.cond(needed, careful, lambda: [r.value for r in requests])
+    def fast():
+        kept = () if not flat else (requests[flat[0]].whole_value,)
+        return [requests[i].value for i in rest], kept
+
+    out, kept = jax.lax.cond(needed, careful, fast)
+    results: list[Any] = [None] * len(requests)
+    for i, value in zip(rest, out, strict=True):
+        results[i] = value
+    for i in flat:
+        start, stop = requests[i].span  # type: ignore[misc]
+        results[i] = kept[0][start:stop].reshape(requests[i].value.shape)
+    return results
 
 
 class Batched(NamedTuple):

@@ -177,15 +177,43 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     into the elementwise loop that broadcasts them, evaluating it once per
     *element*: on large kernels that costs more than the memory traffic of the
     whole step. A genuine reduction is never fused into its consumers, so the
-    coefficients are stacked and passed through a sum over a size-2 axis whose
-    second slot is 0 (exact: ``c + 0``, also for inf and NaN). On CPU
+    coefficients pass through one variadic sum over a size-2 axis whose second
+    slot is 0 (exact: ``c + 0``, also for inf and NaN). One reduction for all of
+    them is one compiled loop in which their shared terms are computed once
+    (XLA's CPU backend forms no multi-output fusion otherwise). On CPU
     ``lax.optimization_barrier`` does not prevent that fusion.
     """
-    stacked = jnp.stack(jnp.broadcast_arrays(*coefficients))
-    first = (jnp.arange(2) == 0).reshape((2,) + (1,) * stacked.ndim)
-    zero = jnp.zeros((), stacked.dtype)
-    once = jnp.sum(jnp.where(first, stacked[None], zero), axis=0, dtype=stacked.dtype)
-    return tuple(once[i] for i in range(len(coefficients)))
+    return _per_unit(tuple(jnp.broadcast_arrays(*coefficients)))
+
+
+@jax.custom_jvp
+def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_dtype.setdefault(jnp.result_type(x), []).append(i)
+    out: list[Any] = [None] * len(xs)
+    for dtype, index in by_dtype.items():
+        ops = []
+        for i in index:
+            x = jnp.asarray(xs[i], dtype)
+            first = (jnp.arange(2) == 0).reshape((2,) + (1,) * x.ndim)
+            ops.append(jnp.where(first, x[None], jnp.zeros((), dtype)))
+        zeros = tuple(jnp.zeros((), dtype) for _ in index)
+
+        def add(a, b):
+            return tuple(x + y for x, y in zip(a, b, strict=True))
+
+        for i, y in zip(index, jax.lax.reduce(tuple(ops), zeros, add, (0,)), strict=True):
+            out[i] = y
+    return tuple(out)
+
+
+@_per_unit.defjvp
+def _per_unit_jvp(primals, tangents):
+    # The identity: tangents pass through (variadic reductions are not
+    # differentiable everywhere).
+    (xs,), (dots,) = primals, tangents
+    return _per_unit(xs), dots
 
 
 def root_ema(r: jax.Array, x: jax.Array, decay: Any) -> jax.Array:

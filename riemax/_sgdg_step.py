@@ -96,16 +96,23 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
     gr = yield gram_request(
         (w_acc, g, s), _PAIRS, axes, verify_zero=(0,), derive=derive
     )
-    hh, hw = gr.derived[0], gr.derived[1]
-    # Units whose projected gradient cancels: tested once for every unit of the
-    # step (the third derived array), each leaf's part read inside the branch.
-    radial = gr.derived[2] > 0
+    # Units whose projected gradient cancels are tested once for every unit of
+    # the step (the third derived array); the branch reads each leaf's part of
+    # the coefficient hw, and the flat hh crosses it as one array.
+    parts = gr.derived
 
     def direct():
-        h = g * gr.factor(1) + hw * (w_acc * gr.factor(0))
+        h = g * gr.factor(1) + parts[1] * (w_acc * gr.factor(0))
         return inner(h, h, axes)
 
-    hh = yield Fallback(hh, radial, direct, gr.derived.arrays[2])
+    hh = yield Fallback(
+        parts[0],
+        parts[2] > 0,
+        direct,
+        whole=parts.arrays[2],
+        whole_value=parts.arrays[0],
+        span=(parts.start, parts.stop),
+    )
     coefficients, other = yield Batched(then, (gr, hh, inputs), gr.values[0].shape)
     delta, new = _write(coefficients, w_acc, g, s)
     return delta.astype(w.dtype), new, other
