@@ -416,9 +416,11 @@ def _flat_members(requests: Sequence[Fallback]) -> list[int]:
     members = [
         i
         for i, r in enumerate(requests)
-        if r.whole_value is first.whole_value and r.whole is first.whole
+        if r.whole_value is first.whole_value
+        and r.whole is first.whole
+        and r.span is not None
     ]
-    spans = sorted((requests[i].span, i) for i in members)
+    spans = sorted((requests[i].span or (0, 0), i) for i in members)
     edge = 0
     for (start, stop), _ in spans:
         if start != edge:

@@ -203,7 +203,8 @@ def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         def add(a, b):
             return tuple(x + y for x, y in zip(a, b, strict=True))
 
-        for i, y in zip(index, jax.lax.reduce(tuple(ops), zeros, add, (0,)), strict=True):
+        summed = jax.lax.reduce(tuple(ops), zeros, add, (0,))
+        for i, y in zip(index, summed, strict=True):
             out[i] = y
     return tuple(out)
 
