@@ -33,7 +33,13 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
-from riemax._sums import as_matrix, column_max_abs, one_pass, product
+from riemax._sums import (
+    FUSED_MAX_ELEMENTS,
+    as_matrix,
+    column_max_abs,
+    one_pass,
+    product,
+)
 
 #: A leaf program for :func:`drive`: a generator that yields requests, receives
 #: their results and returns the leaf's result.
@@ -250,27 +256,25 @@ def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
 def _exact(requests: Sequence[UnitRequest], keeps) -> Gram:
     """The Gram of many leaves on matrices rescaled per group by the power of two
     of their largest magnitude: the exponents of every leaf in one batch, one
-    variadic reduction per leaf for the maxima and one for the sums."""
+    variadic reduction per run of leaves (:func:`_runs`, the order of
+    ``requests``) for the maxima and one for the sums."""
+    del keeps  # the flat arrays list the units of ``requests`` in order
     dtype = requests[0].mats[0].dtype
-    maxes = _concat(
-        [
-            tuple(
-                m.reshape(r.keep)
-                for m in column_max_abs([jax.lax.stop_gradient(x) for x in r.mats])
-            )
-            for r in requests
-        ],
-        keeps,
+    mats_of = [r.mats for r in requests]
+    runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
+    maxes = _once(
+        _flat([column_max_abs([jax.lax.stop_gradient(x) for x in run]) for run in runs])
     )
     exps = tuple(exponent(m) for m in maxes)
-    factors = _split(per_unit(*(pow2(-e, dtype) for e in exps)), keeps)
+    factors = per_unit(*(pow2(-e, dtype) for e in exps))
     values = []
-    for r, f in zip(requests, factors, strict=True):
-        scaled = [m * x.reshape(1, -1) for m, x in zip(r.mats, f, strict=True)]
-        values.append(
-            tuple(v.reshape(r.keep) for v in one_pass(scaled, r.pairs, fused=True))
-        )
-    return Gram(_concat(values, keeps), exps)
+    start = 0
+    for run in runs:
+        stop = start + run[0].shape[1]
+        scaled = [m * f[None, start:stop] for m, f in zip(run, factors, strict=True)]
+        values.append(one_pass(scaled, requests[0].pairs, fused=True))
+        start = stop
+    return Gram(_once(_flat(values)), exps)
 
 
 class _Fresh(NamedTuple):
@@ -294,7 +298,7 @@ def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
 
 
 def _group_key(r: UnitRequest) -> tuple:
-    return (r.then, r.derive, r.pairs, r.diagonal, r.verify, r.sums[0].dtype)
+    return (r.then, r.derive, r.pairs, r.diagonal, r.verify, r.mats[0].dtype)
 
 
 def _all_pairs(r: UnitRequest) -> tuple[tuple[int, int | None], ...]:
@@ -322,6 +326,57 @@ def _once(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+#: Matrices summed together (:func:`_runs`) hold at most this many elements each
+#: and per run: larger ones are summed alone, without a copy.
+RUN_MAX_ELEMENTS = 1 << 20
+
+
+def _runs(mats_of: Sequence[Sequence[jax.Array]]) -> list[list[int]]:
+    """The leaves (indices into ``mats_of``, each a leaf's matrices) whose sums
+    are taken together: small matrices with as many rows, side by side (one
+    reduction for the run, not one per leaf), in order of first appearance."""
+    runs: dict[Any, list[list[int]]] = {}
+    for i, mats in enumerate(mats_of):
+        rows, cols = mats[0].shape
+        if rows * cols > FUSED_MAX_ELEMENTS:
+            runs[("alone", i)] = [[i]]
+            continue
+        chunks = runs.setdefault(("rows", rows), [[]])
+        size = sum(mats_of[j][0].size for j in chunks[-1])
+        if chunks[-1] and size + rows * cols > RUN_MAX_ELEMENTS:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [run for chunks in runs.values() for run in chunks]
+
+
+def _side_by_side(mats_of: Sequence[Sequence[jax.Array]]) -> list[jax.Array]:
+    """The matrices of a run side by side (one matrix per array of the leaves)."""
+    if len(mats_of) == 1:
+        return list(mats_of[0])
+    return [
+        jnp.concatenate([mats[k] for mats in mats_of], axis=1)
+        for k in range(len(mats_of[0]))
+    ]
+
+
+def _flat(parts: Sequence[Sequence[jax.Array]]) -> tuple[jax.Array, ...]:
+    """Per-run tuples of per-unit arrays as one tuple of flat arrays."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    return tuple(jnp.concatenate(xs) for xs in zip(*parts, strict=True))
+
+
+def _run_sums(mats_of: Sequence[Sequence[jax.Array]], pairs) -> tuple[jax.Array, ...]:
+    """Plain column sums of the pair products of every leaf, one pass per run;
+    the leaves in the order of :func:`_runs` (which ``mats_of`` already is)."""
+    return _flat(
+        [
+            one_pass(_side_by_side([mats_of[i] for i in run]), pairs)
+            for run in _runs(mats_of)
+        ]
+    )
+
+
 def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     """The results of many :class:`UnitRequest`: one decision for all, and one
     ``then`` per kind of request on the units of all leaves together."""
@@ -331,15 +386,24 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(_group_key(r), []).append(i)
-    members_of = list(groups.values())
+    # Within a group, leaves summed together (small matrices with as many rows)
+    # are adjacent: the per-unit arrays of the step list their units in that order.
+    members_of = [
+        [members[j] for run in _runs([requests[i].mats for i in members]) for j in run]
+        for members in groups.values()
+    ]
     keeps_of = [[requests[i].keep for i in members] for members in members_of]
     checks = []
     fast = []
     for members, keeps in zip(members_of, keeps_of, strict=True):
         first = requests[members[0]]
-        sums = _concat([requests[i].sums for i in members], keeps)
-        floor = _concat(
-            [jnp.asarray(requests[i].floor, sums[0].dtype) for i in members], keeps
+        sums = _once(_run_sums([requests[i].mats for i in members], _all_pairs(first)))
+        floor = jnp.asarray(
+            np.repeat(
+                np.array([requests[i].floor for i in members]),
+                [math.prod(k) for k in keeps],
+            ),
+            sums[0].dtype,
         )
         ok = jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]), axis=0)
         for p, d in enumerate(first.diagonal):
@@ -489,12 +553,27 @@ class Batched(NamedTuple):
     keep: tuple[int, ...]
 
 
+def _position(tree: Any) -> int:
+    """The position of the first Gram view in ``tree`` among its siblings (0
+    without one)."""
+    if isinstance(tree, _GramView):
+        return tree.position
+    if isinstance(tree, (tuple, list)) and not isinstance(tree, Gram):
+        for x in tree:
+            if isinstance(x, (tuple, list)):
+                return _position(x)
+    return 0
+
+
 def _resolve_batched(requests: Sequence[Batched]) -> list[Any]:
     groups: dict[Any, list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(r.fn, []).append(i)
     results: list[Any] = [None] * len(requests)
     for fn, members in groups.items():
+        # Leaves in the order of their units in a Gram they share (:func:`_runs`),
+        # so that its whole arrays are read without a concatenation.
+        members = sorted(members, key=lambda i: _position(requests[i].inputs))
         keeps = [requests[i].keep for i in members]
         out = _once(fn(_concat([requests[i].inputs for i in members], keeps)))
         for i, value in zip(members, _split(out, keeps), strict=True):
@@ -576,13 +655,13 @@ def gram_request(
     diagonal_of.update({p: len(pairs) + k for k, p in enumerate(missing)})
     diagonal = tuple(diagonal_of[p] for p in range(count))
     mats = [as_matrix(a, axes) for a in arrays]
-    sums = tuple(s.reshape(keep) for s in one_pass(mats, all_pairs))
     info = jnp.finfo(dtype)
     floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
 
+    del all_pairs  # summed by :func:`resolve`, with the other leaves of the step
     return UnitRequest(
-        sums, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
+        None, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
     )
 
 
