@@ -85,7 +85,8 @@ class UnitRequest(NamedTuple):
 
     The statistics come in two forms, with one decision for the whole step:
 
-    * fast: ``sums`` are plain sums from one pass over memory; the scaled Gram
+    * fast: plain sums from one pass over memory (:func:`resolve` sums the
+      small matrices with as many rows side by side, :func:`_runs`); the scaled Gram
       follows from them exactly where every sum is finite and every squared norm
       is zero (arrays not in ``verify``) or at least ``floor``. Where that test
       fails the sums are replaced by harmless values, so that the discarded value
@@ -95,7 +96,6 @@ class UnitRequest(NamedTuple):
       with the exponents of every leaf of the step computed together.
     """
 
-    sums: tuple[jax.Array, ...]
     floor: float
     verify: tuple[int, ...]
     mats: tuple[jax.Array, ...]
@@ -661,7 +661,7 @@ def gram_request(
 
     del all_pairs  # summed by :func:`resolve`, with the other leaves of the step
     return UnitRequest(
-        None, floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
+        floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
     )
 
 
