@@ -747,12 +747,27 @@ def norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     return run(norm_program(x, axes))
 
 
+def _normalize_units(gram: Gram, eps):
+    """``(2**-E, 1 / (|x~| + eps 2**-E), |x|)`` for the units of every leaf."""
+    f = gram.factor(0)
+    n = safe_sqrt(gram.values[0])
+    return f, safe_div(1.0, n + eps * f), unscaled(n, gram.exps[0])
+
+
 def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Program:
-    """:func:`normalize` as a program for :func:`drive`."""
-    g = yield from gram_program([x], [(0, 0)], axes)
-    n = safe_sqrt(g.values[0])
-    unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
-    return unit, unscaled(n, g.exps[0])
+    """:func:`normalize` as a program for :func:`drive`: its per-unit math runs
+    once for the units of every leaf of a step."""
+    axes = tuple(axes)
+    if not axes:
+        g = yield from gram_program([x], [(0, 0)], axes)
+        n = safe_sqrt(g.values[0])
+        unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
+        return unit, unscaled(n, g.exps[0])
+    eps = jnp.asarray(eps, x.dtype)
+    f, scale, n = yield gram_request(
+        [x], [(0, 0)], axes, then=_normalize_units, inputs=eps
+    )
+    return (x * f) * scale, n
 
 
 def normalize(

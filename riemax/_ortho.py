@@ -18,6 +18,7 @@ import optax
 
 from riemax import _checks as checks
 from riemax import _sphere as sphere
+from riemax._gram import Batched
 from riemax._leafmap import stateless, unit_of_program
 from riemax._numerics import acc_dtype, safe_div, to_acc
 
@@ -75,9 +76,15 @@ def ortho_penalty(
         if at == "param":
             return g + omega * sphere.gram_residual_grad(to_acc(w))
         y, w_norm = yield from unit_of_program(w, unit_eps)
-        return g + safe_div(omega * sphere.gram_residual_grad(y), w_norm)
+        # 1 / |w| once for the units of every kernel, not once per kernel.
+        inverse = yield Batched(_reciprocal, w_norm, w_norm.shape)
+        return g + (omega * sphere.gram_residual_grad(y)) * inverse
 
     return stateless("ortho_penalty", leaf)
+
+
+def _reciprocal(x: jax.Array) -> jax.Array:
+    return safe_div(1.0, x)
 
 
 def orthogonality_loss(params: Any, omega: float, labels: Any = None) -> jax.Array:

@@ -64,6 +64,12 @@ def _fused_stats(mats, pairs):
     def add(xs, ys):
         return tuple(x + y for x, y in zip(xs, ys, strict=True))
 
+    if len(products) == 1:
+        # XLA's CPU backend splits a lone column sum into two loops (a windowed
+        # partial sum and its total) and keeps a variadic one as one loop: the
+        # sum is taken twice in that loop, and both results are read.
+        a, b = jax.lax.reduce(products * 2, zeros * 2, add, (0,))
+        return (jnp.minimum(a, b),)
     return tuple(jax.lax.reduce(products, zeros, add, (0,)))
 
 
