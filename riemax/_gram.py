@@ -366,15 +366,11 @@ def _flat(parts: Sequence[Sequence[jax.Array]]) -> tuple[jax.Array, ...]:
     return tuple(jnp.concatenate(xs) for xs in zip(*parts, strict=True))
 
 
-def _run_sums(mats_of: Sequence[Sequence[jax.Array]], pairs) -> tuple[jax.Array, ...]:
-    """Plain column sums of the pair products of every leaf, one pass per run;
-    the leaves in the order of :func:`_runs` (which ``mats_of`` already is)."""
-    return _flat(
-        [
-            one_pass(_side_by_side([mats_of[i] for i in run]), pairs)
-            for run in _runs(mats_of)
-        ]
-    )
+def _plain_sums(mats_of: Sequence[Sequence[jax.Array]], pairs) -> tuple[jax.Array, ...]:
+    """Plain column sums of the pair products of every leaf, one pass over each
+    leaf (side by side, a run's matrices would be copied first: on CPU the copy
+    costs more than the loops it saves)."""
+    return _flat([one_pass(mats, pairs) for mats in mats_of])
 
 
 def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
@@ -397,7 +393,9 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     fast = []
     for members, keeps in zip(members_of, keeps_of, strict=True):
         first = requests[members[0]]
-        sums = _once(_run_sums([requests[i].mats for i in members], _all_pairs(first)))
+        sums = _once(
+            _plain_sums([requests[i].mats for i in members], _all_pairs(first))
+        )
         floor = jnp.asarray(
             np.repeat(
                 np.array([requests[i].floor for i in members]),
