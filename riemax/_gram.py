@@ -105,6 +105,10 @@ class UnitRequest(NamedTuple):
     then: Callable[..., Any] | None = None
     inputs: Any = None
     derive: Callable[..., tuple[jax.Array, ...]] | None = None
+    #: Optionally the matrices computed anew, for the rescaled branch: arrays
+    #: computed from others (a centred array) then cross the conditional as
+    #: their inputs, not as one more array written per leaf.
+    source: Callable[[], Sequence[jax.Array]] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -260,7 +264,7 @@ def _exact(requests: Sequence[UnitRequest], keeps) -> Gram:
     ``requests``) for the maxima and one for the sums."""
     del keeps  # the flat arrays list the units of ``requests`` in order
     dtype = requests[0].mats[0].dtype
-    mats_of = [r.mats for r in requests]
+    mats_of = [r.mats if r.source is None else tuple(r.source()) for r in requests]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
     maxes = _once(
         _flat([column_max_abs([jax.lax.stop_gradient(x) for x in run]) for run in runs])
@@ -638,8 +642,13 @@ def gram_request(
     then: Callable[..., Any] | None = None,
     inputs: Any = None,
     derive: Callable[..., tuple[jax.Array, ...]] | None = None,
+    source: Callable[[], Sequence[jax.Array]] | None = None,
 ) -> UnitRequest:
-    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`)."""
+    """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
+
+    ``source()``, if given, computes ``arrays`` again (from the arrays they are
+    computed from), inside the rescaled branch only.
+    """
     axes = tuple(axes)
     if not axes:
         raise ValueError("gram_request needs at least one reduced axis.")
@@ -658,8 +667,14 @@ def gram_request(
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
 
     del all_pairs  # summed by :func:`resolve`, with the other leaves of the step
+    remade = None
+    if source is not None:
+
+        def remade():
+            return [as_matrix(a, axes) for a in source()]
+
     return UnitRequest(
-        floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive
+        floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive, remade
     )
 
 
@@ -752,9 +767,15 @@ def _normalize_units(gram: Gram, eps):
     return f, safe_div(1.0, n + eps * f), unscaled(n, gram.exps[0])
 
 
-def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Program:
+def normalize_program(
+    x: jax.Array,
+    axes: Sequence[int],
+    eps: Any,
+    source: Callable[[], jax.Array] | None = None,
+) -> Program:
     """:func:`normalize` as a program for :func:`drive`: its per-unit math runs
-    once for the units of every leaf of a step."""
+    once for the units of every leaf of a step. ``source()`` computes ``x``
+    again, for the rescaled branch (see :func:`gram_request`)."""
     axes = tuple(axes)
     if not axes:
         g = yield from gram_program([x], [(0, 0)], axes)
@@ -762,8 +783,9 @@ def normalize_program(x: jax.Array, axes: Sequence[int], eps: Any) -> Program:
         unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
         return unit, unscaled(n, g.exps[0])
     eps = jnp.asarray(eps, x.dtype)
+    remade = None if source is None else (lambda: [source()])
     f, scale, n = yield gram_request(
-        [x], [(0, 0)], axes, then=_normalize_units, inputs=eps
+        [x], [(0, 0)], axes, then=_normalize_units, inputs=eps, source=remade
     )
     return (x * f) * scale, n
 

@@ -217,9 +217,14 @@ def scale_by_nero(
             # normalized per unit (exact for any magnitude of w and of the step).
             beta = unscaled(step, -gr.exps[0])
             f_w, beta = per_unit(gr.factor(0), beta)
-            q = (w_acc * f_w) - beta * (g * f_g)
-            mean = jnp.mean(q, axis=axes, keepdims=True)
-            c = yield from normalize_program(q - mean, axes, 0.0)
+
+            def moved():
+                return (w_acc * f_w) - beta * (g * f_g)
+
+            mean = jnp.mean(moved(), axis=axes, keepdims=True)
+            c = yield from normalize_program(
+                moved() - mean, axes, 0.0, source=lambda: moved() - mean
+            )
             return (c[0] - w_acc).astype(w.dtype), nu
 
         return Step(leaf, extra=(state.scale,))
