@@ -465,11 +465,11 @@ class Fallback(NamedTuple):
     #: unit), of which ``mask`` is this leaf's part, the same array object for
     #: every leaf: the test then reads it once instead of once per leaf.
     whole: jax.Array | None = None
-    #: Optionally, with ``whole``, the flat array of every unit's fast form of
-    #: which ``value`` (an array) is the part ``span`` (first and last unit + 1):
+    #: Optionally, with ``whole``, the flat arrays of every unit's fast form of
+    #: which ``value`` (arrays) is the part ``span`` (first and last unit + 1):
     #: leaves whose parts cover it cross the conditional as that one array,
     #: not as one slice each.
-    whole_value: jax.Array | None = None
+    whole_value: Any = None
     span: tuple[int, int] | None = None
 
 
@@ -492,7 +492,7 @@ def _flat_members(requests: Sequence[Fallback]) -> list[int]:
         if start != edge:
             return []
         edge = stop
-    if edge != first.whole_value.shape[0]:
+    if edge != jax.tree.leaves(first.whole_value)[0].shape[0]:
         return []
     return [i for _, i in spans]
 
@@ -522,11 +522,20 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
             return out, ()
         first = requests[flat[0]]
         pieces = [
-            jnp.broadcast_to(requests[i].compute(), requests[i].value.shape).reshape(-1)
+            jax.tree.map(
+                lambda c, v: jnp.broadcast_to(c, v.shape).reshape(-1),
+                requests[i].compute(),
+                requests[i].value,
+            )
             for i in flat
         ]
-        whole = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
-        return out, (jnp.where(first.whole != 0, whole, first.whole_value),)
+        whole = jax.tree.map(
+            lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs), *pieces
+        )
+        chosen = jax.tree.map(
+            lambda c, v: jnp.where(first.whole != 0, c, v), whole, first.whole_value
+        )
+        return out, (chosen,)
 
     def fast():
         kept = () if not flat else (requests[flat[0]].whole_value,)
@@ -538,7 +547,11 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
         results[i] = value
     for i in flat:
         start, stop = requests[i].span  # type: ignore[misc]
-        results[i] = kept[0][start:stop].reshape(requests[i].value.shape)
+        results[i] = jax.tree.map(
+            lambda x, v, a=start, b=stop: x[a:b].reshape(v.shape),
+            kept[0],
+            requests[i].value,
+        )
     return results
 
 

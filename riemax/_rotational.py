@@ -53,7 +53,7 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
-from riemax._numerics import inner as inner_product
+from riemax._sums import as_matrix, one_pass
 from riemax._tree import path_str
 
 #: The inner optimizers whose equilibrium rate :func:`equilibrium_rate` knows.
@@ -100,9 +100,10 @@ def _radius(w: jax.Array, zero_mean: bool) -> Program:
 
 
 def _direction(gr: Gram, inputs, leaf=None):
-    """``(kappa, mu, vv, pv)`` for every unit of the step: the centred direction
-    ``v~ = u~ - kappa p~ - mu`` and, from the Gram identity (exact unless it
-    cancels), ``|v~|^2`` and ``<p~, v~>``. ``inputs``: the radius and size."""
+    """``(kappa, mu, vv, pv, cancels)`` for every unit of the step: the centred
+    direction ``v~ = u~ - kappa p~ - mu``, from the Gram identity (exact unless it
+    cancels) ``|v~|^2`` and ``<p~, v~>``, and 1 where it cancels (0 elsewhere).
+    ``inputs``: the radius and size."""
     r, n = inputs
     if len(gr.values) == 5:
         pp, pu, uu, sum_p, sum_u = gr.values
@@ -115,14 +116,15 @@ def _direction(gr: Gram, inputs, leaf=None):
     mu = (sum_u - kappa * sum_p) / n
     vv = combination((1.0, -kappa), (uu, pu, pp), PAIR_GRAM) - n * mu * mu
     pv = pu - kappa * pp - mu * sum_p
-    return kappa, mu, vv, pv
+    cancels = jnp.where(vv < TRUSTED_FRACTION * uu, 1.0, 0.0).astype(vv.dtype)
+    return kappa, mu, vv, pv, cancels
 
 
 def _step_units(inputs, *, rate, count, decay, eps):
     """The rest of the step for every unit at once: ``(nu, phi, gamma, kappa,
     mu)``, the new point being ``phi (p~ - gamma v~)``."""
     gr, vv, pv, nu, r, n = inputs
-    kappa, mu, _, _ = _direction(gr, (r, n))
+    kappa, mu, _, _, _ = _direction(gr, (r, n))
     pp, e_u, dtype = gr.values[0], gr.exps[1], nu.dtype
     vv = jnp.maximum(vv, 0)
     # s <- (1 - rho) |v|**2 + rho s, kept as the root mean square nu = sqrt(s / n).
@@ -152,15 +154,25 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
     if zero_mean:
         pairs += ((0, None), (1, None))
     gr = yield gram_request((p, u), pairs, axes, inputs=(r, n), derive=derive)
-    kappa, mu, vv, pv = gr.derived
-    cancelled = vv < TRUSTED_FRACTION * gr.values[2]
+    # Units where the Gram identity cancels are tested once for every unit of
+    # the step; the flat vv and pv cross the branch as single arrays, and the
+    # branch reads each leaf's part of kappa and mu.
+    parts = gr.derived
 
     def direct():
         pt = p * gr.factor(0)
-        v = (u * gr.factor(1) - kappa * pt) - mu
-        return inner_product(v, v, axes), inner_product(pt, v, axes)
+        v = (u * gr.factor(1) - parts[0] * pt) - parts[1]
+        sums = one_pass([as_matrix(v, axes), as_matrix(pt, axes)], ((0, 0), (1, 0)))
+        return tuple(x.reshape(parts[2].shape) for x in sums)
 
-    vv, pv = yield Fallback((vv, pv), cancelled, direct)
+    vv, pv = yield Fallback(
+        (parts[2], parts[3]),
+        parts[4] > 0,
+        direct,
+        whole=parts.arrays[4],
+        whole_value=(parts.arrays[2], parts.arrays[3]),
+        span=(parts.start, parts.stop),
+    )
     nu, phi, gamma, kappa, mu = yield Batched(
         units, (gr, vv, pv, nu, r, n), gr.values[0].shape
     )

@@ -43,7 +43,6 @@ from riemax._numerics import (
     TRUSTED_FRACTION,
     combination,
     exponent,
-    inner,
     pow2,
     safe_div,
     safe_sqrt,
@@ -52,6 +51,7 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
+from riemax._sums import as_matrix, one_pass
 
 #: (w, g, s) index pairs of the per-unit Gram quantities: ww, wg, ws, ss, gs, gg.
 _PAIRS = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
@@ -103,7 +103,8 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
 
     def direct():
         h = g * gr.factor(1) + parts[1] * (w_acc * gr.factor(0))
-        return inner(h, h, axes)
+        (hh,) = one_pass([as_matrix(h, axes)], ((0, 0),))
+        return hh.reshape(parts[1].shape)
 
     hh = yield Fallback(
         parts[0],
