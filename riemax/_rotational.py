@@ -162,7 +162,9 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
     def direct():
         pt = p * gr.factor(0)
         v = (u * gr.factor(1) - parts[0] * pt) - parts[1]
-        sums = one_pass([as_matrix(v, axes), as_matrix(pt, axes)], ((0, 0), (1, 0)))
+        sums = one_pass(
+            [as_matrix(v, axes), as_matrix(pt, axes)], ((0, 0), (1, 0)), blocked=False
+        )
         return tuple(x.reshape(parts[2].shape) for x in sums)
 
     vv, pv = yield Fallback(

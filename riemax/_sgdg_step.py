@@ -103,7 +103,7 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
 
     def direct():
         h = g * gr.factor(1) + parts[1] * (w_acc * gr.factor(0))
-        (hh,) = one_pass([as_matrix(h, axes)], ((0, 0),))
+        (hh,) = one_pass([as_matrix(h, axes)], ((0, 0),), blocked=False)
         return hh.reshape(parts[1].shape)
 
     hh = yield Fallback(

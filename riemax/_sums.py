@@ -86,20 +86,22 @@ def _fused_stats_jvp(pairs, primals, tangents):
     return out, tangent
 
 
-def one_pass(mats, pairs, *, fused: bool = False):
+def one_pass(mats, pairs, *, fused: bool = False, blocked: bool = True):
     """Column sums of the pair products, in a single pass over memory.
 
     Small matrices (and every matrix with ``fused``, used off the hot path) get one
     variadic reduction. XLA's CPU backend runs every other reduction as its own
     pass over memory, so large matrices are walked in cache-sized row blocks
     there; other backends merge sibling reductions themselves and get the plain
-    reductions.
+    reductions. ``blocked=False`` keeps the plain reductions on CPU too: inside
+    a conditional's branch the blocked loop makes XLA copy the branch's kernels
+    on every step, taken or not.
     """
     rows, cols = mats[0].shape
     if fused or rows * cols <= FUSED_MAX_ELEMENTS:
         return _fused_stats(list(mats), tuple(pairs))
     block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
-    if rows >= 2 * block:
+    if blocked and rows >= 2 * block:
         return jax.lax.platform_dependent(
             *mats,
             cpu=functools.partial(_blocked_stats, pairs=pairs, block=block),
