@@ -112,10 +112,19 @@ def exponent(m: jax.Array) -> jax.Array:
     ``2**-E`` stay normal; 0 where ``m`` is zero or not finite. Piecewise constant,
     so it carries no gradient.
     """
+    m = jax.lax.stop_gradient(m)
     lo, hi = _exp_range(m.dtype)
-    _, e = jnp.frexp(m)
+    info = jnp.finfo(m.dtype)
+    bits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[info.dtype.itemsize]
+    # frexp's exponent read from the bits: the biased exponent field less
+    # (bias - 1). Subnormals read as the smallest normal's, which the clip to the
+    # normal range of both factors (lo is far above it) makes no difference to.
+    field = jax.lax.shift_right_logical(
+        jax.lax.bitcast_convert_type(m, bits), jnp.asarray(info.nmant, bits)
+    ) & jnp.asarray((1 << info.nexp) - 1, bits)
+    e = field.astype(jnp.int32) - (int(info.maxexp) - 2)
     ok = (m > 0) & jnp.isfinite(m)
-    return jax.lax.stop_gradient(jnp.clip(jnp.where(ok, e, 0), lo, hi))
+    return jnp.clip(jnp.where(ok, e, 0), lo, hi)
 
 
 def scaled(x: jax.Array, e: jax.Array) -> jax.Array:
@@ -131,7 +140,7 @@ def unscaled(x: Any, e: jax.Array, dtype: Any = None) -> jax.Array:
     of a Python number ``x``.
     """
     x = jnp.asarray(x, dtype)
-    half = e // 2
+    half = jax.lax.shift_right_arithmetic(e, jnp.asarray(1, e.dtype))  # floor(e / 2)
     return x * pow2(half, x.dtype) * pow2(e - half, x.dtype)
 
 
