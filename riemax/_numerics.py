@@ -140,6 +140,7 @@ def unscaled(x: Any, e: jax.Array, dtype: Any = None) -> jax.Array:
     of a Python number ``x``.
     """
     x = jnp.asarray(x, dtype)
+    e = jnp.asarray(e)
     half = jax.lax.shift_right_arithmetic(e, jnp.asarray(1, e.dtype))  # floor(e / 2)
     return x * pow2(half, x.dtype) * pow2(e - half, x.dtype)
 
