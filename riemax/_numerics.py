@@ -196,6 +196,11 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     return _per_unit(tuple(jnp.broadcast_arrays(*coefficients)))
 
 
+def _add(xs, ys):
+    # A module-level reducer: lax.reduce caches its traced form by identity.
+    return tuple(x + y for x, y in zip(xs, ys, strict=True))
+
+
 @jax.custom_jvp
 def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     by_dtype: dict[Any, list[int]] = {}
@@ -209,11 +214,7 @@ def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             first = (jnp.arange(2) == 0).reshape((2,) + (1,) * x.ndim)
             ops.append(jnp.where(first, x[None], jnp.zeros((), dtype)))
         zeros = tuple(jnp.zeros((), dtype) for _ in index)
-
-        def add(a, b):
-            return tuple(x + y for x, y in zip(a, b, strict=True))
-
-        summed = jax.lax.reduce(tuple(ops), zeros, add, (0,))
+        summed = jax.lax.reduce(tuple(ops), zeros, _add, (0,))
         for i, y in zip(index, summed, strict=True):
             out[i] = y
     return tuple(out)

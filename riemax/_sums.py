@@ -19,6 +19,21 @@ import jax.numpy as jnp
 CPU_BLOCK_ELEMENTS = 1 << 19
 
 
+# The reducers are module-level functions: lax.reduce caches a reducer's traced
+# form by the function object, so a function made anew on each call is traced
+# (and, outside jit, compiled) anew on each call.
+
+
+def add(xs, ys):
+    """Elementwise sum of two tuples (a variadic reducer)."""
+    return tuple(x + y for x, y in zip(xs, ys, strict=True))
+
+
+def biggest(xs, ys):
+    """Elementwise maximum of two tuples (a variadic reducer)."""
+    return tuple(jnp.maximum(x, y) for x, y in zip(xs, ys, strict=True))
+
+
 def product(mats, p, q):
     return mats[p] if q is None else mats[p] * mats[q]
 
@@ -60,10 +75,6 @@ def _fused_stats(mats, pairs):
     """:func:`_stats` as one variadic reduction (one loop, one compiled kernel)."""
     products = tuple(product(mats, p, q) for p, q in pairs)
     zeros = tuple(jnp.zeros((), x.dtype) for x in products)
-
-    def add(xs, ys):
-        return tuple(x + y for x, y in zip(xs, ys, strict=True))
-
     if len(products) == 1:
         # XLA's CPU backend splits a lone column sum into two loops (a windowed
         # partial sum and its total) and keeps a variadic one as one loop: the
@@ -114,10 +125,6 @@ def column_max_abs(mats):
     """The largest magnitude of every column of every matrix, in one reduction."""
     absolute = tuple(jnp.abs(m) for m in mats)
     zeros = tuple(jnp.zeros((), m.dtype) for m in mats)
-
-    def biggest(xs, ys):
-        return tuple(jnp.maximum(x, y) for x, y in zip(xs, ys, strict=True))
-
     return jax.lax.reduce(absolute, zeros, biggest, (0,))
 
 
