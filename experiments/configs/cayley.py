@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import Any
 
 from experiments.configs import default
-from experiments.keys import ConfigError
 
 _DATA = ("cifar10", "cifar100")
 _MODELS = ("wrn-28-10", "vgg16")
@@ -56,11 +55,7 @@ def cells() -> list[str]:
 
 
 def _key(arg: str | None) -> tuple[str, str, str]:
-    if arg not in cells():
-        raise ConfigError(
-            f"cayley.py takes a cell DATA-MODEL-OPTIMIZER, got {arg!r}; valid: "
-            + ", ".join(cells())
-        )
+    arg = default.check_cell("cayley.py", "a cell DATA-MODEL-OPTIMIZER", arg, cells())
     data, rest = arg.split("-", 1)
     for opt in _OPTIMIZERS:
         if rest.endswith("-" + opt):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from experiments.keys import DEFAULT_CONFIG
+from experiments.keys import DEFAULT_CONFIG, ConfigError
 
 
 def get_config() -> dict[str, Any]:
@@ -28,3 +28,13 @@ def over(values: dict[str, Any]) -> dict[str, Any]:
     """The default config with ``values`` over it, as a fresh copy (no list is
     shared with the tables it came from)."""
     return copy.deepcopy(get_config() | values)
+
+
+def check_cell(owner: str, form: str, arg: str | None, cells: list[str]) -> str:
+    """``arg`` if it is one of a preset file's ``cells``; else a ConfigError that
+    names the file (``owner``), the form of its arguments and every valid one."""
+    if arg not in cells:
+        raise ConfigError(
+            f"{owner} takes {form}, got {arg!r}; valid: " + ", ".join(cells)
+        )
+    return arg

@@ -84,11 +84,7 @@ def cells() -> list[str]:
 
 
 def _key(arg: str | None) -> tuple[str, float]:
-    if arg not in cells():
-        raise ConfigError(
-            f"enorm.py takes cifar10-MODEL-TAG, got {arg!r}; valid: "
-            + ", ".join(cells())
-        )
+    arg = default.check_cell("enorm.py", "cifar10-MODEL-TAG", arg, cells())
     _, kind, tag = arg.split("-", 2)
     return kind, 0.0 if tag == "baseline" else _C[kind]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any
 
 from experiments.configs import default
-from experiments.keys import ConfigError
 
 _OPTIMIZERS = ("manifold-muon", "hyperspherical", "adamw")
 _NAMES = {
@@ -49,11 +48,7 @@ def cells() -> list[str]:
 
 
 def _key(arg: str | None) -> str:
-    if arg not in cells():
-        raise ConfigError(
-            f"muon.py takes cifar10-mlp-OPTIMIZER, got {arg!r}; valid: "
-            + ", ".join(cells())
-        )
+    arg = default.check_cell("muon.py", "cifar10-mlp-OPTIMIZER", arg, cells())
     return arg.removeprefix("cifar10-mlp-")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 from experiments.configs import default
-from experiments.keys import ConfigError
 
 _DATA = {
     "cifar10": {
@@ -116,11 +115,7 @@ def cells() -> list[str]:
 
 
 def _key(arg: str | None) -> tuple[str, str, str]:
-    if arg not in cells():
-        raise ConfigError(
-            f"rbn.py takes a cell DATA-MODEL-OPTIMIZER, got {arg!r}; valid: "
-            + ", ".join(cells())
-        )
+    arg = default.check_cell("rbn.py", "a cell DATA-MODEL-OPTIMIZER", arg, cells())
     data, rest = arg.split("-", 1)
     model, opt = rest.rsplit("-", 1)
     return data, model, opt

@@ -191,11 +191,7 @@ def cells() -> list[str]:
 
 
 def _key(arg: str | None) -> tuple[str, str, str]:
-    if arg not in cells():
-        raise ConfigError(
-            f"srt.py takes a cell DATA-MODEL-OPTIMIZER, got {arg!r}; valid: "
-            + ", ".join(cells())
-        )
+    arg = default.check_cell("srt.py", "a cell DATA-MODEL-OPTIMIZER", arg, cells())
     data, model, opt = arg.split("-")
     return data, model, opt
 
