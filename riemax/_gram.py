@@ -257,12 +257,11 @@ def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
     return fill(tree)
 
 
-def _exact(requests: Sequence[UnitRequest], keeps) -> Gram:
+def _exact(requests: Sequence[UnitRequest]) -> Gram:
     """The Gram of many leaves on matrices rescaled per group by the power of two
     of their largest magnitude: the exponents of every leaf in one batch, one
     variadic reduction per run of leaves (:func:`_runs`, the order of
     ``requests``) for the maxima and one for the sums."""
-    del keeps  # the flat arrays list the units of ``requests`` in order
     dtype = requests[0].mats[0].dtype
     mats_of = [r.mats if r.source is None else tuple(r.source()) for r in requests]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
@@ -386,8 +385,9 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(_group_key(r), []).append(i)
-    # Within a group, leaves summed together (small matrices with as many rows)
-    # are adjacent: the per-unit arrays of the step list their units in that order.
+    # Within a group, leaves that the rescaled branch sums together (small
+    # matrices with as many rows) are adjacent: the per-unit arrays of the step
+    # list their units in that order.
     members_of = [
         [members[j] for run in _runs([requests[i].mats for i in members]) for j in run]
         for members in groups.values()
@@ -426,10 +426,7 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
         return [(_pack(g.values), _pack(g.exps)) for g in grams]
 
     def exact():
-        return packed(
-            _exact([requests[i] for i in members], keeps)
-            for members, keeps in zip(members_of, keeps_of, strict=True)
-        )
+        return packed(_exact([requests[i] for i in members]) for members in members_of)
 
     stats = jax.lax.cond(jnp.all(jnp.stack(checks)), lambda: packed(fast), exact)
     results: list[Any] = [None] * len(requests)
@@ -507,7 +504,7 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
             masks.append(m)
     needed = jnp.any(jnp.stack([jnp.any(m != 0) for m in masks]))
     flat = _flat_members(requests)
-    rest = [i for i in range(len(requests)) if i not in set(flat)]
+    rest = sorted(set(range(len(requests))) - set(flat))
 
     def careful():
         out = [

@@ -75,11 +75,6 @@ def kept_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
     return tuple(1 if a in axes else s for a, s in enumerate(shape))
 
 
-def inner(a: jax.Array, b: jax.Array, axes: Sequence[int]) -> jax.Array:
-    """Per-group inner product ``sum(a * b)`` over ``axes``, dims kept (unscaled)."""
-    return jnp.sum(a * b, axis=tuple(axes), keepdims=True)
-
-
 def tolerance(dtype: Any) -> float:
     """A rounding tolerance for ``dtype``: the square root of its machine epsilon."""
     return float(jnp.finfo(dtype).eps) ** 0.5
