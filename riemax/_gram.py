@@ -128,8 +128,9 @@ class _Parts:
     read (a leaf reads only what its elementwise loops need). Nothing is cached:
     a slice taken inside a conditional's branch must not leak out of it."""
 
-    def __init__(self, arrays, start: int, stop: int, keep: tuple[int, ...]):
+    def __init__(self, arrays, start: int, stop: int, keep: tuple[int, ...], at=None):
         self.arrays, self.start, self.stop, self.keep = arrays, start, stop, keep
+        self.at = at
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -139,7 +140,7 @@ class _Parts:
             return tuple(self[k] for k in range(*j.indices(len(self))))
         x = self.arrays[j]
         if (self.start, self.stop) != (0, x.shape[0]):
-            x = x[self.start : self.stop]
+            x = _slice(x, self.start, self.stop, self.at)
         return x.reshape(self.keep)
 
     def __iter__(self):
@@ -176,16 +177,18 @@ def _views(
         leaf = np.repeat(np.arange(len(keeps), dtype=np.int32), sizes)
         derived = per_unit(*derive(whole, inputs, leaf))
     bounds = np.cumsum([0, *(math.prod(k) for k in keeps)])
+    offsets = _offsets(bounds[:-1], whole.values[0])
     views = []
     for i, keep in enumerate(keeps):
         start, stop = int(bounds[i]), int(bounds[i + 1])
+        at = offsets[i]
         view = _GramView(
-            _Parts(whole.values, start, stop, keep),  # type: ignore[arg-type]
-            _Parts(whole.exps, start, stop, keep),  # type: ignore[arg-type]
+            _Parts(whole.values, start, stop, keep, at),  # type: ignore[arg-type]
+            _Parts(whole.exps, start, stop, keep, at),  # type: ignore[arg-type]
         )
         view.whole, view.position, view.siblings = whole, i, len(keeps)
-        view.factors = _Parts(factors, start, stop, keep)
-        view.derived = _Parts(derived, start, stop, keep)
+        view.factors = _Parts(factors, start, stop, keep, at)
+        view.derived = _Parts(derived, start, stop, keep, at)
         views.append(view)
     return views
 
@@ -286,16 +289,39 @@ class _Fresh(NamedTuple):
     i: int
 
 
+def _offsets(starts, like: jax.Array) -> tuple[jax.Array, ...]:
+    """The first unit of each leaf in flat per-unit arrays, as values computed
+    at run time: a leaf's loops then slice at an offset they receive, so that
+    the loops of leaves of the same shape compile to one kernel (a constant
+    offset would make each leaf's loops kernels of their own). The offsets pass
+    through one reduction, which XLA neither folds (they depend on ``like``,
+    by a term that is always 0) nor fuses into the loops that read them."""
+    x = jax.lax.stop_gradient(like.reshape(-1)[0])
+    zero = (jnp.isnan(x) & jnp.isinf(x)).astype(jnp.int32)
+    return per_unit(*(zero + np.int32(s) for s in starts))
+
+
+def _slice(x: jax.Array, start: int, stop: int, at) -> jax.Array:
+    if at is None:
+        return x[start:stop]
+    return jax.lax.dynamic_slice_in_dim(
+        x, at, stop - start, allow_negative_indices=False
+    )
+
+
 def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
     sizes = [math.prod(k) for k in keeps]
     total = sum(sizes)
     bounds = np.cumsum([0, *sizes])
+    offsets = None
+    if len(keeps) > 1:
+        offsets = _offsets(bounds[:-1], jax.tree.leaves(tree)[0])
 
     def part(x, i):
         x = jnp.broadcast_to(x, (total,))
         if len(keeps) == 1:
             return x.reshape(keeps[0])
-        return x[bounds[i] : bounds[i + 1]].reshape(keeps[i])
+        return _slice(x, bounds[i], bounds[i + 1], offsets[i]).reshape(keeps[i])
 
     return [jax.tree.map(lambda x, i=i: part(x, i), tree) for i in range(len(keeps))]
 
@@ -447,17 +473,22 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
 
 
 class Fallback(NamedTuple):
-    """A per-unit value with a careful form where its fast form is not exact.
+    """Per-unit sums with a careful form where their fast form is not exact.
 
-    ``value`` is the fast form, ``mask`` marks the units where it is not exact,
-    and ``compute()`` gives the careful form (e.g. sums taken directly where a
+    ``value`` is the fast form (an array, or a tuple of arrays, one per pair),
+    ``mask`` marks the units where it is not exact, and the careful form is
+    summed directly: the column sums of the products ``pairs`` of the matrices
+    ``mats()`` (``(reduced elements, units)``, e.g. a projected gradient where a
     Gram identity cancels). One conditional for every leaf of a round: the
-    careful forms are computed only when some mask is set anywhere.
+    careful sums are taken only when some mask is set anywhere, and then for
+    runs of small matrices with as many rows together (:func:`_runs`), one
+    reduction per run.
     """
 
     value: Any
     mask: jax.Array
-    compute: Callable[[], Any]
+    mats: Callable[[], Sequence[jax.Array]]
+    pairs: tuple[tuple[int, int | None], ...]
     #: Optionally the mask of every unit of the step (flat; non-zero marks a
     #: unit), of which ``mask`` is this leaf's part, the same array object for
     #: every leaf: the test then reads it once instead of once per leaf.
@@ -482,6 +513,7 @@ def _flat_members(requests: Sequence[Fallback]) -> list[int]:
         if r.whole_value is first.whole_value
         and r.whole is first.whole
         and r.span is not None
+        and r.pairs == first.pairs
     ]
     spans = sorted((requests[i].span or (0, 0), i) for i in members)
     edge = 0
@@ -492,6 +524,32 @@ def _flat_members(requests: Sequence[Fallback]) -> list[int]:
     if edge != jax.tree.leaves(first.whole_value)[0].shape[0]:
         return []
     return [i for _, i in spans]
+
+
+def _careful_sums(requests: Sequence[Fallback]) -> list[tuple[jax.Array, ...]]:
+    """The careful sums of each request (flat per-unit arrays, one per pair):
+    the matrices of requests with the same pairs and dtype, small ones with as
+    many rows side by side, one reduction per run."""
+    out: list[Any] = [None] * len(requests)
+    groups: dict[Any, list[int]] = {}
+    mats_of = [tuple(r.mats()) for r in requests]
+    for i, r in enumerate(requests):
+        groups.setdefault((r.pairs, mats_of[i][0].dtype), []).append(i)
+    for (pairs, _), members in groups.items():
+        for run in _runs([mats_of[i] for i in members]):
+            leaves = [members[k] for k in run]
+            sums = one_pass(
+                _side_by_side([mats_of[i] for i in leaves]),
+                pairs,
+                fused=len(leaves) > 1,
+                blocked=False,
+            )
+            start = 0
+            for i in leaves:
+                stop = start + mats_of[i][0].shape[1]
+                out[i] = tuple(x[start:stop] for x in sums)
+                start = stop
+    return out
 
 
 def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
@@ -506,11 +564,21 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
     flat = _flat_members(requests)
     rest = sorted(set(range(len(requests))) - set(flat))
 
+    def shaped(sums, value):
+        # The careful sums in the structure and shapes of the fast form.
+        if isinstance(value, tuple):
+            return tuple(s.reshape(v.shape) for s, v in zip(sums, value, strict=True))
+        (s,) = sums
+        return s.reshape(value.shape)
+
     def careful():
+        order = rest + flat
+        found = _careful_sums([requests[i] for i in order])
+        sums = dict(zip(order, found, strict=True))
         out = [
             jax.tree.map(
                 lambda c, v, r=requests[i]: jnp.where(r.mask, c, v),
-                requests[i].compute(),
+                shaped(sums[i], requests[i].value),
                 requests[i].value,
             )
             for i in rest
@@ -518,19 +586,13 @@ def _resolve_fallbacks(requests: Sequence[Fallback]) -> list[Any]:
         if not flat:
             return out, ()
         first = requests[flat[0]]
-        pieces = [
-            jax.tree.map(
-                lambda c, v: jnp.broadcast_to(c, v.shape).reshape(-1),
-                requests[i].compute(),
-                requests[i].value,
-            )
-            for i in flat
-        ]
-        whole = jax.tree.map(
-            lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs), *pieces
+        whole = tuple(
+            jnp.concatenate([sums[i][k] for i in flat]) for k in range(len(first.pairs))
         )
         chosen = jax.tree.map(
-            lambda c, v: jnp.where(first.whole != 0, c, v), whole, first.whole_value
+            lambda c, v: jnp.where(first.whole != 0, c, v),
+            shaped(whole, first.whole_value),
+            first.whole_value,
         )
         return out, (chosen,)
 

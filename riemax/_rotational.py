@@ -53,7 +53,7 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
-from riemax._sums import as_matrix, one_pass
+from riemax._sums import as_matrix
 from riemax._tree import path_str
 
 #: The inner optimizers whose equilibrium rate :func:`equilibrium_rate` knows.
@@ -162,15 +162,13 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
     def direct():
         pt = p * gr.factor(0)
         v = (u * gr.factor(1) - parts[0] * pt) - parts[1]
-        sums = one_pass(
-            [as_matrix(v, axes), as_matrix(pt, axes)], ((0, 0), (1, 0)), blocked=False
-        )
-        return tuple(x.reshape(parts[2].shape) for x in sums)
+        return [as_matrix(v, axes), as_matrix(pt, axes)]
 
     vv, pv = yield Fallback(
         (parts[2], parts[3]),
         parts[4] > 0,
         direct,
+        ((0, 0), (1, 0)),
         whole=parts.arrays[4],
         whole_value=(parts.arrays[2], parts.arrays[3]),
         span=(parts.start, parts.stop),

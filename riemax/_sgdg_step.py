@@ -51,7 +51,7 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
-from riemax._sums import as_matrix, one_pass
+from riemax._sums import as_matrix
 
 #: (w, g, s) index pairs of the per-unit Gram quantities: ww, wg, ws, ss, gs, gg.
 _PAIRS = ((0, 0), (0, 1), (0, 2), (2, 2), (1, 2), (1, 1))
@@ -102,14 +102,13 @@ def step_program(g, s, w, *, unit_eps, then, inputs, derive) -> Program:
     parts = gr.derived
 
     def direct():
-        h = g * gr.factor(1) + parts[1] * (w_acc * gr.factor(0))
-        (hh,) = one_pass([as_matrix(h, axes)], ((0, 0),), blocked=False)
-        return hh.reshape(parts[1].shape)
+        return [as_matrix(g * gr.factor(1) + parts[1] * (w_acc * gr.factor(0)), axes)]
 
     hh = yield Fallback(
         parts[0],
         parts[2] > 0,
         direct,
+        ((0, 0),),
         whole=parts.arrays[2],
         whole_value=parts.arrays[0],
         span=(parts.start, parts.stop),
