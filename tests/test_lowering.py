@@ -145,9 +145,9 @@ def test_projection_test_runs_on_device(name):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out[0]))
 
 
-def compiled_loops(tx, count):
-    """The number of fused loops (XLA fusions, in every branch) of the compiled
-    update of ``count`` ResNet-20 kernels."""
+def compiled_update(tx, count):
+    """The optimized HLO text of the compiled update of ``count`` ResNet-20
+    kernels (all of one shape)."""
     params = _params(count)
     state = tx.init(params)
 
@@ -155,8 +155,31 @@ def compiled_loops(tx, count):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    text = jax.jit(step).lower(params, state, params).compile().as_text()
+    return jax.jit(step).lower(params, state, params).compile().as_text()
+
+
+def compiled_loops(text):
+    """The number of fused loops (XLA fusions, in every branch) of a compiled
+    program."""
     return text.count(" fusion(")
+
+
+def distinct_loops(text):
+    """The number of different fused loops of a compiled program: fusions whose
+    computations are equal but for their names compile to one kernel, so this
+    is what the compiler generates code for."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = head.group(1)
+            bodies[current] = []
+        elif current is not None and line.strip() != "}":
+            body = line.split(", metadata=")[0]
+            bodies[current].append(re.sub(r"%[\w.\-]+", "%", body).strip())
+    called = set(re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", text))
+    return len({"\n".join(bodies[c]) for c in called})
 
 
 #: Compiled loops per kernel on XLA's CPU backend (measured: 4, 5 and 8; optax's
@@ -175,12 +198,38 @@ LOOPS_PER_KERNEL = {
 def test_compiled_loops_per_kernel(name):
     """Each kernel adds a few fused loops to the compiled step (its sums, its
     writes, its matmuls); the per-unit math and the robust path's branches are
-    compiled once per step, whatever the number of kernels."""
+    compiled once per step, whatever the number of kernels. Kernels of one
+    shape share their compiled loops, as optax's do: the compiler generates
+    code for no new loop when a kernel of a shape already present is added."""
     make, bound = LOOPS_PER_KERNEL[name]
-    per_kernel = (compiled_loops(make(), 5) - compiled_loops(make(), 2)) / 3
+    two, five = compiled_update(make(), 2), compiled_update(make(), 5)
+    per_kernel = (compiled_loops(five) - compiled_loops(two)) / 3
     assert per_kernel <= bound, (name, per_kernel)
-    baseline = (
-        compiled_loops(optax.sgd(0.1, 0.9, nesterov=True), 5)
-        - compiled_loops(optax.sgd(0.1, 0.9, nesterov=True), 2)
-    ) / 3
+    assert distinct_loops(five) <= distinct_loops(two), name
+    sgd = optax.sgd(0.1, 0.9, nesterov=True)
+    two, five = compiled_update(sgd, 2), compiled_update(sgd, 5)
+    baseline = (compiled_loops(five) - compiled_loops(two)) / 3
     assert baseline >= 1  # the count sees per-kernel loops at all
+
+
+#: The sphere optimizers that share the resolution machinery in other ways
+#: (a centred array, a materialised direction, a first-step radius).
+SHARED_LOOPS = ("adamsrt", "adamp", "nero", "rotational")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU fusions")
+@pytest.mark.parametrize("name", SHARED_LOOPS)
+def test_same_shaped_kernels_share_compiled_loops(name):
+    """Three more kernels of a shape already present add at most three
+    different loops in all (one is a concatenation whose operand count grows);
+    a loop that slices a leaf's coefficients at a constant offset would add
+    three or four per kernel."""
+    make = {
+        "adamsrt": lambda: riemax.adamsrt(1e-3),
+        "adamp": lambda: riemax.adamp(1e-3),
+        "nero": lambda: riemax.nero(0.01),
+        "rotational": lambda: riemax.rotational(optax.adamw(1e-3), 0.01),
+    }[name]
+    two, five = compiled_update(make(), 2), compiled_update(make(), 5)
+    assert distinct_loops(five) - distinct_loops(two) <= 3, name
+    assert compiled_loops(five) > compiled_loops(two)  # the kernels are there
