@@ -273,13 +273,15 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     )
     exps = tuple(exponent(m) for m in maxes)
     factors = per_unit(*(pow2(-e, dtype) for e in exps))
-    values = []
+    scaled = []
     start = 0
     for run in runs:
         stop = start + run[0].shape[1]
-        scaled = [m * f[None, start:stop] for m, f in zip(run, factors, strict=True)]
-        values.append(one_pass(scaled, requests[0].pairs, fused=True))
+        scaled.append(
+            [m * f[None, start:stop] for m, f in zip(run, factors, strict=True)]
+        )
         start = stop
+    values = one_pass(scaled, requests[0].pairs, fused=True)
     return Gram(_once(_flat(values)), exps)
 
 
@@ -399,7 +401,7 @@ def _plain_sums(mats_of: Sequence[Sequence[jax.Array]], pairs) -> tuple[jax.Arra
     """Plain column sums of the pair products of every leaf, one pass over each
     leaf (side by side, a run's matrices would be copied first: on CPU the copy
     costs more than the loops it saves)."""
-    return _flat([one_pass(mats, pairs) for mats in mats_of])
+    return _flat(one_pass(mats_of, pairs))
 
 
 def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
@@ -536,19 +538,25 @@ def _careful_sums(requests: Sequence[Fallback]) -> list[tuple[jax.Array, ...]]:
     for i, r in enumerate(requests):
         groups.setdefault((r.pairs, mats_of[i][0].dtype), []).append(i)
     for (pairs, _), members in groups.items():
-        for run in _runs([mats_of[i] for i in members]):
-            leaves = [members[k] for k in run]
-            sums = one_pass(
-                _side_by_side([mats_of[i] for i in leaves]),
+        runs = [
+            [members[k] for k in run] for run in _runs([mats_of[i] for i in members])
+        ]
+        # Runs of several leaves are summed by one variadic reduction each, lone
+        # leaves as one_pass chooses.
+        for together in (True, False):
+            chosen = [run for run in runs if (len(run) > 1) == together]
+            found = one_pass(
+                [_side_by_side([mats_of[i] for i in run]) for run in chosen],
                 pairs,
-                fused=len(leaves) > 1,
+                fused=together,
                 blocked=False,
             )
-            start = 0
-            for i in leaves:
-                stop = start + mats_of[i][0].shape[1]
-                out[i] = tuple(x[start:stop] for x in sums)
-                start = stop
+            for run, sums in zip(chosen, found, strict=True):
+                start = 0
+                for i in run:
+                    stop = start + mats_of[i][0].shape[1]
+                    out[i] = tuple(x[start:stop] for x in sums)
+                    start = stop
     return out
 
 

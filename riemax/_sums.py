@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,7 @@ def _blocked_stats(*mats, pairs, block):
 FUSED_MAX_ELEMENTS = 1 << 17
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _fused_stats(mats, pairs):
+def _variadic(mats, pairs):
     """:func:`_stats` as one variadic reduction (one loop, one compiled kernel)."""
     products = tuple(product(mats, p, q) for p, q in pairs)
     zeros = tuple(jnp.zeros((), x.dtype) for x in products)
@@ -84,21 +84,33 @@ def _fused_stats(mats, pairs):
     return tuple(jax.lax.reduce(products, zeros, add, (0,)))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fused_stats(mats_of, pairs):
+    """:func:`_variadic` for the matrices of many leaves: one traced function
+    (and one custom derivative) for all of them, not one per leaf."""
+    return [_variadic(mats, pairs) for mats in mats_of]
+
+
 @_fused_stats.defjvp
 def _fused_stats_jvp(pairs, primals, tangents):
     # Differentiation of a variadic reduction is not supported everywhere: the
     # tangents are plain sums (linear in the tangents, as for ``jnp.sum``).
-    (mats,), (dots,) = primals, tangents
-    out = _fused_stats(mats, pairs)
-    tangent = tuple(
-        jnp.sum(dots[p] if q is None else dots[p] * mats[q] + mats[p] * dots[q], 0)
-        for p, q in pairs
-    )
+    (mats_of,), (dots_of,) = primals, tangents
+    out = _fused_stats(mats_of, pairs)
+    tangent = [
+        tuple(
+            jnp.sum(dots[p] if q is None else dots[p] * mats[q] + mats[p] * dots[q], 0)
+            for p, q in pairs
+        )
+        for mats, dots in zip(mats_of, dots_of, strict=True)
+    ]
     return out, tangent
 
 
-def one_pass(mats, pairs, *, fused: bool = False, blocked: bool = True):
-    """Column sums of the pair products, in a single pass over memory.
+def one_pass(mats_of, pairs, *, fused: bool = False, blocked: bool = True):
+    """Column sums of the pair products of each leaf's matrices (``mats_of``, a
+    sequence of one tuple of matrices per leaf), each in a single pass over
+    memory.
 
     Small matrices (and every matrix with ``fused``, used off the hot path) get one
     variadic reduction. XLA's CPU backend runs every other reduction as its own
@@ -108,17 +120,30 @@ def one_pass(mats, pairs, *, fused: bool = False, blocked: bool = True):
     a conditional's branch the blocked loop makes XLA copy the branch's kernels
     on every step, taken or not.
     """
-    rows, cols = mats[0].shape
-    if fused or rows * cols <= FUSED_MAX_ELEMENTS:
-        return _fused_stats(list(mats), tuple(pairs))
-    block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
-    if blocked and rows >= 2 * block:
-        return jax.lax.platform_dependent(
-            *mats,
-            cpu=functools.partial(_blocked_stats, pairs=pairs, block=block),
-            default=lambda *m: _stats(m, pairs),
-        )
-    return _stats(mats, pairs)
+    pairs = tuple(pairs)
+    out: list[Any] = [None] * len(mats_of)
+    small = [
+        i
+        for i, mats in enumerate(mats_of)
+        if fused or mats[0].shape[0] * mats[0].shape[1] <= FUSED_MAX_ELEMENTS
+    ]
+    if small:
+        found = _fused_stats([list(mats_of[i]) for i in small], pairs)
+        for i, sums in zip(small, found, strict=True):
+            out[i] = tuple(sums)
+    for i, mats in enumerate(mats_of):
+        if out[i] is not None:
+            continue
+        block = max(1, CPU_BLOCK_ELEMENTS // max(mats[0].shape[1], 1))
+        if blocked and mats[0].shape[0] >= 2 * block:
+            out[i] = jax.lax.platform_dependent(
+                *mats,
+                cpu=functools.partial(_blocked_stats, pairs=pairs, block=block),
+                default=lambda *m: _stats(m, pairs),
+            )
+        else:
+            out[i] = _stats(mats, pairs)
+    return out
 
 
 def column_max_abs(mats):
