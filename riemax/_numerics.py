@@ -204,11 +204,12 @@ def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     out: list[Any] = [None] * len(xs)
     for dtype, index in by_dtype.items():
         ops = []
+        zero = jnp.zeros((), dtype)
         for i in index:
             x = jnp.asarray(xs[i], dtype)
-            first = (jnp.arange(2) == 0).reshape((2,) + (1,) * x.ndim)
-            ops.append(jnp.where(first, x[None], jnp.zeros((), dtype)))
-        zeros = tuple(jnp.zeros((), dtype) for _ in index)
+            # x, then a slot of zeros, along a new leading axis.
+            ops.append(jax.lax.pad(x[None], zero, [(0, 1, 0)] + [(0, 0, 0)] * x.ndim))
+        zeros = (zero,) * len(index)
         summed = jax.lax.reduce(tuple(ops), zeros, _add, (0,))
         for i, y in zip(index, summed, strict=True):
             out[i] = y
