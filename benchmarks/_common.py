@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,26 @@ def random_params_and_grads(shapes: Any, labels: Any, seed: int = 0) -> tuple[An
 
     params = normalize_manifold(jax.tree.map(param, shapes), labels)
     return params, jax.tree.map(grad, shapes)
+
+
+def fused_loops(text: str) -> tuple[int, int]:
+    """``(fusions, kernels)`` of a compiled program's optimized HLO ``text``: its
+    fused loops (XLA fusions, every branch included) and how many of them are
+    different. Fusions whose computations are equal but for their names compile
+    to one kernel, so the second count is what XLA generates code for (on CPU,
+    compile time follows it)."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = head.group(1)
+            bodies[current] = []
+        elif current is not None and line.strip() != "}":
+            body = line.split(", metadata=")[0]
+            bodies[current].append(re.sub(r"%[\w.\-]+", "%", body).strip())
+    called = re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", text)
+    return len(called), len({"\n".join(bodies[c]) for c in called})
 
 
 def tree_bytes(tree: Any) -> int:

@@ -11,8 +11,8 @@ tree. ``jax.clear_caches()`` before every lowering; repetitions interleaved (ABB
 median reported.
 
 Each row also counts the fused loops of the compiled step (XLA fusions, every
-branch included): on CPU each is a separately compiled kernel, so compile time
-follows that count.
+branch included) and how many of them differ: loops that differ only in their
+names compile to one kernel, and on CPU compile time follows that second count.
 
 Memory: total bytes of the optimizer state's arrays (``sum(x.nbytes)``, from
 ``jax.eval_shape(tx.init, shapes)``, nothing allocated) on the WRN-28-10 and ResNet-20
@@ -48,6 +48,7 @@ from benchmarks._common import (
     baseline_rows,
     baseline_tx,
     candidate_rows,
+    fused_loops,
     machine_header,
     manifold_tx,
     parse_args,
@@ -83,7 +84,7 @@ def compile_table(model: str, batch: int, reps: int, smoke: bool = False) -> Tab
     rows = bases + cands
     lower_s = {r.name: [] for r in rows}
     compile_s = {r.name: [] for r in rows}
-    loops: dict[str, int] = {}
+    loops: dict[str, tuple[int, int]] = {}
     print(f"{model}: compiling {len(rows)} train steps x {reps} reps", flush=True)
     for rep in range(reps):
         for row in rows if rep % 2 == 0 else rows[::-1]:
@@ -96,7 +97,7 @@ def compile_table(model: str, batch: int, reps: int, smoke: bool = False) -> Tab
             t1 = time.perf_counter()
             compiled = lowered.compile()
             t2 = time.perf_counter()
-            loops[row.name] = compiled.as_text().count(" fusion(")
+            loops[row.name] = fused_loops(compiled.as_text())
             lower_s[row.name].append(t1 - t0)
             compile_s[row.name].append(t2 - t1)
             print(
@@ -118,6 +119,7 @@ def compile_table(model: str, batch: int, reps: int, smoke: bool = False) -> Tab
             "ratio (total)",
             "ratio (compile)",
             "fused loops",
+            "kernels",
         ],
     )
     base_name = {r.baseline: r.name for r in bases}
@@ -125,19 +127,18 @@ def compile_table(model: str, batch: int, reps: int, smoke: bool = False) -> Tab
         lo = statistics.median(lower_s[row.name])
         co = statistics.median(compile_s[row.name])
         if row in bases:
-            table.add([row.name, lo, co, lo + co, "-", "-", "-", "-", loops[row.name]])
+            table.add([row.name, lo, co, lo + co, "-", "-", "-", "-", *loops[row.name]])
             continue
         b = base_name[row.baseline]
         blo, bco = statistics.median(lower_s[b]), statistics.median(compile_s[b])
         ratio = (lo + co) / (blo + bco)
-        table.add(
-            [row.name, lo, co, lo + co, b, blo + bco, ratio, co / bco, loops[row.name]],
-            ratio,
-        )
+        cells = [row.name, lo, co, lo + co, b, blo + bco, ratio, co / bco]
+        table.add([*cells, *loops[row.name]], ratio)
     table.notes.append(
         f"Median of {reps} interleaved reps, jax.clear_caches() before each lowering. "
-        "Fused loops: XLA fusions in the compiled step, every branch included (on "
-        "CPU each is a separately compiled kernel)."
+        "Fused loops: XLA fusions in the compiled step, every branch included; "
+        "kernels: how many of them differ (equal ones compile to one kernel, and "
+        "on CPU compile time follows this count)."
     )
     return table
 

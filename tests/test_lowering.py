@@ -21,6 +21,7 @@ from helpers import LEAF_SHAPES, OPTIMIZERS, cycling_gradient, init_params
 from jax.extend import core as jex_core
 
 import riemax
+from benchmarks._common import fused_loops
 
 #: The largest ResNet-20 kernel (a 3x3 conv, 64 -> 64 channels).
 KERNEL = (3, 3, 64, 64)
@@ -161,25 +162,13 @@ def compiled_update(tx, count):
 def compiled_loops(text):
     """The number of fused loops (XLA fusions, in every branch) of a compiled
     program."""
-    return text.count(" fusion(")
+    return fused_loops(text)[0]
 
 
 def distinct_loops(text):
-    """The number of different fused loops of a compiled program: fusions whose
-    computations are equal but for their names compile to one kernel, so this
-    is what the compiler generates code for."""
-    bodies: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) ", line)
-        if head and line.rstrip().endswith("{"):
-            current = head.group(1)
-            bodies[current] = []
-        elif current is not None and line.strip() != "}":
-            body = line.split(", metadata=")[0]
-            bodies[current].append(re.sub(r"%[\w.\-]+", "%", body).strip())
-    called = set(re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", text))
-    return len({"\n".join(bodies[c]) for c in called})
+    """The number of different fused loops of a compiled program (what the
+    compiler generates code for)."""
+    return fused_loops(text)[1]
 
 
 #: Compiled loops per kernel on XLA's CPU backend (measured: 4, 5 and 8; optax's
