@@ -123,6 +123,52 @@ def _from_plain(sums, pairs, diagonal) -> Gram:
     return Gram(values, tuple(exps))
 
 
+#: The leaves' parts of flat per-unit arrays, one registry per running
+#: :func:`drive`: ``id(part) -> (part, whole, start, stop)``. A later round that
+#: hands such parts to per-unit math (:func:`_concat`) reads static slices of
+#: the flat array instead (the whole array where they cover it): slices at
+#: run-time offsets (:func:`_offsets`) are opaque to XLA, which would otherwise
+#: copy each and concatenate the copies.
+_PARTS: list[dict[int, tuple[jax.Array, jax.Array, int, int]]] = []
+
+
+def _noted(part: jax.Array, whole: jax.Array, start: int, stop: int) -> jax.Array:
+    if _PARTS:
+        _PARTS[-1][id(part)] = (part, whole, start, stop)
+    return part
+
+
+def _pieces(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
+    """``xs`` (per-unit arrays of leaves shaped ``keeps``) as flat pieces to
+    concatenate: parts of a flat array become static slices of it, consecutive
+    ones one slice (the whole array where they cover it)."""
+    registry = _PARTS[-1] if _PARTS else {}
+    spans: list[Any] = []
+    for x, keep in zip(xs, keeps, strict=True):
+        entry = registry.get(id(x))
+        if entry is None or entry[0] is not x or tuple(x.shape) != tuple(keep):
+            spans.append(jnp.broadcast_to(x, keep).reshape(-1))
+            continue
+        _, of, start, stop = entry
+        last = spans[-1] if spans else None
+        if isinstance(last, tuple) and last[0] is of and last[2] == start:
+            spans[-1] = (of, last[1], stop)
+        else:
+            spans.append((of, start, stop))
+    return [
+        (span[0] if span[1:] == (0, span[0].shape[0]) else span[0][span[1] : span[2]])
+        if isinstance(span, tuple)
+        else span
+        for span in spans
+    ]
+
+
+def _wholes(xs: Sequence[Any]) -> list[Any]:
+    """The flat arrays of which the registered ``xs`` are parts."""
+    registry = _PARTS[-1] if _PARTS else {}
+    return [e[1] for e in (registry.get(id(x)) for x in xs) if e is not None]
+
+
 class _Parts:
     """One leaf's part of flat per-unit arrays: each slice is taken where it is
     read (a leaf reads only what its elementwise loops need). Nothing is cached:
@@ -138,10 +184,10 @@ class _Parts:
     def __getitem__(self, j):
         if isinstance(j, slice):
             return tuple(self[k] for k in range(*j.indices(len(self))))
-        x = self.arrays[j]
+        whole = x = self.arrays[j]
         if (self.start, self.stop) != (0, x.shape[0]):
             x = _slice(x, self.start, self.stop, self.at)
-        return x.reshape(self.keep)
+        return _noted(x.reshape(self.keep), whole, self.start, self.stop)
 
     def __iter__(self):
         return (self[j] for j in range(len(self)))
@@ -217,9 +263,9 @@ def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
     fresh: list[jax.Array] = []
 
     def cat(xs):
-        flat = [
-            jnp.broadcast_to(x, k).reshape(-1) for x, k in zip(xs, keeps, strict=True)
-        ]
+        flat = _pieces(xs, keeps)
+        if len(flat) == 1 and any(flat[0] is p for p in _wholes(xs)):
+            return flat[0]
         fresh.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
         return _Fresh(len(fresh) - 1)
 
@@ -319,11 +365,14 @@ def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
     if len(keeps) > 1:
         offsets = _offsets(bounds[:-1], jax.tree.leaves(tree)[0])
 
+    tree = jax.tree.map(lambda x: jnp.broadcast_to(x, (total,)), tree)
+
     def part(x, i):
-        x = jnp.broadcast_to(x, (total,))
+        start, stop = int(bounds[i]), int(bounds[i + 1])
         if len(keeps) == 1:
-            return x.reshape(keeps[0])
-        return _slice(x, bounds[i], bounds[i + 1], offsets[i]).reshape(keeps[i])
+            return _noted(x.reshape(keeps[0]), x, start, stop)
+        piece = _slice(x, start, stop, offsets[i]).reshape(keeps[i])
+        return _noted(piece, x, start, stop)
 
     return [jax.tree.map(lambda x, i=i: part(x, i), tree) for i in range(len(keeps))]
 
@@ -688,7 +737,14 @@ def drive(programs: Sequence[Any]) -> list[Any]:
     of request and round, and one copy of each per-unit function, whatever the
     number of leaves.
     """
-    results = list(programs)
+    _PARTS.append({})
+    try:
+        return _drive(list(programs))
+    finally:
+        _PARTS.pop()
+
+
+def _drive(results: list[Any]) -> list[Any]:
     sends: list[Any] = [None] * len(results)
     active = [i for i, p in enumerate(results) if isinstance(p, Generator)]
     while active:
