@@ -22,6 +22,7 @@ from jax.extend import core as jex_core
 
 import riemax
 from benchmarks._common import fused_loops
+from experiments import models
 
 #: The largest ResNet-20 kernel (a 3x3 conv, 64 -> 64 channels).
 KERNEL = (3, 3, 64, 64)
@@ -222,3 +223,34 @@ def test_same_shaped_kernels_share_compiled_loops(name):
     two, five = compiled_update(make(), 2), compiled_update(make(), 5)
     assert distinct_loops(five) - distinct_loops(two) <= 3, name
     assert compiled_loops(five) > compiled_loops(two)  # the kernels are there
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU fusions")
+def test_parts_handed_back_to_per_unit_math_are_not_copied():
+    """On the ResNet-20 tree Nero's per-neuron math takes back the leaves' parts
+    of a flat per-unit array of more leaves; each leaf reads its parts at a
+    run-time offset. Handed back to per-unit math they must be read as slices
+    of their flat array, not copied one by one and concatenated again (which
+    the run-time offsets would otherwise force on XLA)."""
+    rng = np.random.default_rng(0)
+    shapes = models.param_shapes("resnet20", 10)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), shapes
+    )
+    tx = riemax.nero(0.01)
+    state = tx.init(params)
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    text = jax.jit(step).lower(params, state, params).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    copies = set(re.findall(r"%([\w.\-]*dynamic-slice[\w.\-]*) = ", entry))
+    joins = [
+        set(re.findall(r"%([\w.\-]+)", line.split("concatenate(")[1].split(")")[0]))
+        for line in entry.splitlines()
+        if " concatenate(" in line
+    ]
+    assert copies, "the leaves read their parts at run-time offsets"
+    assert not [j for j in joins if j and j <= copies], joins
