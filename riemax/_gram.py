@@ -16,6 +16,7 @@ units of every leaf. Called on their own (:func:`gram`, :func:`norm`,
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple
 
@@ -124,17 +125,24 @@ def _from_plain(sums, pairs, diagonal) -> Gram:
 
 
 #: The leaves' parts of flat per-unit arrays, one registry per running
-#: :func:`drive`: ``id(part) -> (part, whole, start, stop)``. A later round that
-#: hands such parts to per-unit math (:func:`_concat`) reads static slices of
-#: the flat array instead (the whole array where they cover it): slices at
-#: run-time offsets (:func:`_offsets`) are opaque to XLA, which would otherwise
-#: copy each and concatenate the copies.
-_PARTS: list[dict[int, tuple[jax.Array, jax.Array, int, int]]] = []
+#: :func:`drive` (per thread): ``id(part) -> (part, whole, start, stop)``. A
+#: later round that hands such parts to per-unit math (:func:`_concat`) reads
+#: static slices of the flat array instead (the whole array where they cover
+#: it): slices at run-time offsets (:func:`_offsets`) are opaque to XLA, which
+#: would otherwise copy each and concatenate the copies.
+_LOCAL = threading.local()
+
+
+def _registries() -> list[dict[int, tuple[jax.Array, jax.Array, int, int]]]:
+    if not hasattr(_LOCAL, "parts"):
+        _LOCAL.parts = []
+    return _LOCAL.parts
 
 
 def _noted(part: jax.Array, whole: jax.Array, start: int, stop: int) -> jax.Array:
-    if _PARTS:
-        _PARTS[-1][id(part)] = (part, whole, start, stop)
+    registries = _registries()
+    if registries:
+        registries[-1][id(part)] = (part, whole, start, stop)
     return part
 
 
@@ -142,7 +150,8 @@ def _pieces(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
     """``xs`` (per-unit arrays of leaves shaped ``keeps``) as flat pieces to
     concatenate: parts of a flat array become static slices of it, consecutive
     ones one slice (the whole array where they cover it)."""
-    registry = _PARTS[-1] if _PARTS else {}
+    registries = _registries()
+    registry = registries[-1] if registries else {}
     spans: list[Any] = []
     for x, keep in zip(xs, keeps, strict=True):
         entry = registry.get(id(x))
@@ -165,14 +174,17 @@ def _pieces(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
 
 def _wholes(xs: Sequence[Any]) -> list[Any]:
     """The flat arrays of which the registered ``xs`` are parts."""
-    registry = _PARTS[-1] if _PARTS else {}
+    registries = _registries()
+    registry = registries[-1] if registries else {}
     return [e[1] for e in (registry.get(id(x)) for x in xs) if e is not None]
 
 
 class _Parts:
     """One leaf's part of flat per-unit arrays: each slice is taken where it is
-    read (a leaf reads only what its elementwise loops need). Nothing is cached:
-    a slice taken inside a conditional's branch must not leak out of it."""
+    read (a leaf reads only what its elementwise loops need), at the leaf's
+    run-time offset ``at`` where it has one (:func:`_offsets`). Nothing is
+    cached: a slice taken inside a conditional's branch must not leak out of
+    it."""
 
     def __init__(self, arrays, start: int, stop: int, keep: tuple[int, ...], at=None):
         self.arrays, self.start, self.stop, self.keep = arrays, start, stop, keep
@@ -344,6 +356,8 @@ def _offsets(starts, like: jax.Array) -> tuple[jax.Array, ...]:
     offset would make each leaf's loops kernels of their own). The offsets pass
     through one reduction, which XLA neither folds (they depend on ``like``,
     by a term that is always 0) nor fuses into the loops that read them."""
+    if like.size == 0:
+        return tuple(jnp.int32(s) for s in starts)
     x = jax.lax.stop_gradient(like.reshape(-1)[0])
     zero = (jnp.isnan(x) & jnp.isinf(x)).astype(jnp.int32)
     return per_unit(*(zero + np.int32(s) for s in starts))
@@ -737,11 +751,12 @@ def drive(programs: Sequence[Any]) -> list[Any]:
     of request and round, and one copy of each per-unit function, whatever the
     number of leaves.
     """
-    _PARTS.append({})
+    registries = _registries()
+    registries.append({})
     try:
         return _drive(list(programs))
     finally:
-        _PARTS.pop()
+        registries.pop()
 
 
 def _drive(results: list[Any]) -> list[Any]:
