@@ -146,10 +146,10 @@ def _noted(part: jax.Array, whole: jax.Array, start: int, stop: int) -> jax.Arra
     return part
 
 
-def _pieces(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
-    """``xs`` (per-unit arrays of leaves shaped ``keeps``) as flat pieces to
-    concatenate: parts of a flat array become static slices of it, consecutive
-    ones one slice (the whole array where they cover it)."""
+def _spans(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
+    """``xs`` (per-unit arrays of leaves shaped ``keeps``) as the pieces of their
+    concatenation: a part of a flat array as ``(whole, start, stop)``,
+    consecutive parts of one array merged; any other array flattened."""
     registries = _registries()
     registry = registries[-1] if registries else {}
     spans: list[Any] = []
@@ -164,19 +164,20 @@ def _pieces(xs: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> list[Any]:
             spans[-1] = (of, last[1], stop)
         else:
             spans.append((of, start, stop))
-    return [
-        (span[0] if span[1:] == (0, span[0].shape[0]) else span[0][span[1] : span[2]])
-        if isinstance(span, tuple)
-        else span
-        for span in spans
-    ]
+    return spans
 
 
-def _wholes(xs: Sequence[Any]) -> list[Any]:
-    """The flat arrays of which the registered ``xs`` are parts."""
-    registries = _registries()
-    registry = registries[-1] if registries else {}
-    return [e[1] for e in (registry.get(id(x)) for x in xs) if e is not None]
+def _covers(span: Any) -> bool:
+    """Whether ``span`` is a whole flat array (it needs no copy)."""
+    return isinstance(span, tuple) and span[1:] == (0, span[0].shape[0])
+
+
+def _piece(span: Any) -> jax.Array:
+    """A span of :func:`_spans` as an array (a static slice for a part)."""
+    if not isinstance(span, tuple):
+        return span
+    of, start, stop = span
+    return of if _covers(span) else of[start:stop]
 
 
 class _Parts:
@@ -235,7 +236,9 @@ def _views(
         leaf = np.repeat(np.arange(len(keeps), dtype=np.int32), sizes)
         derived = per_unit(*derive(whole, inputs, leaf))
     bounds = np.cumsum([0, *(math.prod(k) for k in keeps)])
-    offsets = _offsets(bounds[:-1], whole.values[0])
+    offsets: Sequence[Any] = [None] * len(keeps)
+    if len(keeps) > 1:
+        offsets = _offsets(bounds[:-1], whole.values[0])
     views = []
     for i, keep in enumerate(keeps):
         start, stop = int(bounds[i]), int(bounds[i + 1])
@@ -275,9 +278,10 @@ def _concat(trees: Sequence[Any], keeps: Sequence[tuple[int, ...]]) -> Any:
     fresh: list[jax.Array] = []
 
     def cat(xs):
-        flat = _pieces(xs, keeps)
-        if len(flat) == 1 and any(flat[0] is p for p in _wholes(xs)):
-            return flat[0]
+        spans = _spans(xs, keeps)
+        if len(spans) == 1 and _covers(spans[0]):
+            return spans[0][0]
+        flat = [_piece(span) for span in spans]
         fresh.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
         return _Fresh(len(fresh) - 1)
 
@@ -375,7 +379,7 @@ def _split(tree: Any, keeps: Sequence[tuple[int, ...]]) -> list[Any]:
     sizes = [math.prod(k) for k in keeps]
     total = sum(sizes)
     bounds = np.cumsum([0, *sizes])
-    offsets = None
+    offsets: Sequence[Any] = [None] * len(keeps)
     if len(keeps) > 1:
         offsets = _offsets(bounds[:-1], jax.tree.leaves(tree)[0])
 

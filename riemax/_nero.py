@@ -221,9 +221,10 @@ def scale_by_nero(
             def moved():
                 return (w_acc * f_w) - beta * (g * f_g)
 
-            mean = jnp.mean(moved(), axis=axes, keepdims=True)
+            q = moved()
+            mean = jnp.mean(q, axis=axes, keepdims=True)
             c = yield from normalize_program(
-                moved() - mean, axes, 0.0, source=lambda: moved() - mean
+                q - mean, axes, 0.0, source=lambda: moved() - mean
             )
             return (c[0] - w_acc).astype(w.dtype), nu
 

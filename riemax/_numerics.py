@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from riemax._sums import add
+
 
 def acc_dtype(dtype: Any) -> jnp.dtype:
     """Accumulation dtype: ``dtype`` promoted to at least float32."""
@@ -191,11 +193,6 @@ def per_unit(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
     return _per_unit(tuple(jnp.broadcast_arrays(*coefficients)))
 
 
-def _add(xs, ys):
-    # A module-level reducer: lax.reduce caches its traced form by identity.
-    return tuple(x + y for x, y in zip(xs, ys, strict=True))
-
-
 @jax.custom_jvp
 def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     by_dtype: dict[Any, list[int]] = {}
@@ -210,7 +207,7 @@ def _per_unit(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             # x, then a slot of zeros, along a new leading axis.
             ops.append(jax.lax.pad(x[None], zero, [(0, 1, 0)] + [(0, 0, 0)] * x.ndim))
         zeros = (zero,) * len(index)
-        summed = jax.lax.reduce(tuple(ops), zeros, _add, (0,))
+        summed = jax.lax.reduce(tuple(ops), zeros, add, (0,))
         for i, y in zip(index, summed, strict=True):
             out[i] = y
     return tuple(out)
