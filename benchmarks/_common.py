@@ -223,6 +223,19 @@ def random_params_and_grads(shapes: Any, labels: Any, seed: int = 0) -> tuple[An
     return params, jax.tree.map(grad, shapes)
 
 
+def alternating(grads: Any) -> tuple[Any, Any]:
+    """``(grads, -grads)``, the gradients of even and odd optimizer-only steps.
+
+    One fixed gradient turns every unit towards it: after 10-20 steps of the
+    paper's learning rates a kernel's units are nearly parallel to their
+    gradients, a state training never reaches (a batch-normalised layer's
+    gradient is orthogonal to its weights), and the sphere optimizers then take
+    their careful path for nearly radial gradients on every step. With the sign
+    alternating the parameters stay near their start, and the step timed is the
+    one training runs."""
+    return grads, jax.tree.map(jnp.negative, grads)
+
+
 def fused_loops(text: str) -> tuple[int, int]:
     """``(fusions, kernels)`` of a compiled program's optimized HLO ``text``: its
     fused loops (XLA fusions, every branch included) and how many of them are
@@ -283,14 +296,27 @@ class Stepper:
     """A jitted ``fn(state, *consts) -> (state, aux)`` with its own state.
 
     ``run(n)`` performs ``n`` steps (the state is threaded and donated) and returns
-    the wall time per step, waiting for the results.
+    the wall time per step, waiting for the results. With ``alternate``, every
+    other step gets those arguments instead of ``consts`` (same shapes, so the
+    same compiled program).
     """
 
-    def __init__(self, name: str, fn: Callable, state: Any, consts: Sequence[Any] = ()):
+    def __init__(
+        self,
+        name: str,
+        fn: Callable,
+        state: Any,
+        consts: Sequence[Any] = (),
+        alternate: Sequence[Any] | None = None,
+    ):
         self.name = name
         self.fn = fn
         self.state = state
         self.consts = tuple(consts)
+        self.cycle = (
+            (self.consts,) if alternate is None else (self.consts, tuple(alternate))
+        )
+        self.steps = 0
         self.aux: Any = None
         self.inner = 1
         self.times: list[float] = []
@@ -298,7 +324,9 @@ class Stepper:
     def run(self, n: int = 1) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            self.state, self.aux = self.fn(self.state, *self.consts)
+            consts = self.cycle[self.steps % len(self.cycle)]
+            self.state, self.aux = self.fn(self.state, *consts)
+            self.steps += 1
         jax.block_until_ready((self.state, self.aux))
         return (time.perf_counter() - start) / n
 

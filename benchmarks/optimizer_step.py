@@ -2,7 +2,9 @@
 
 One step is ``tx.update(grads, state, params)`` followed by ``optax.apply_updates``,
 jitted with the params and optimizer-state buffers donated; the gradients are a fixed
-random tree. Trees: WRN-28-10 (36.5M parameters) and ResNet-20 (0.27M), built from
+random tree whose sign alternates from step to step (see
+:func:`benchmarks._common.alternating`). Trees: WRN-28-10 (36.5M parameters) and
+ResNet-20 (0.27M), built from
 ``experiments.models.param_shapes`` and filled with random values (manifold kernels on
 the unit sphere, as RBN initialises them).
 
@@ -42,6 +44,7 @@ from benchmarks._common import (
     FIELD,
     Stepper,
     Table,
+    alternating,
     baseline_rows,
     candidate_rows,
     check_finite,
@@ -71,15 +74,18 @@ def gram_gflop(shapes, labels) -> float:
 
 def make_steppers(shapes, rows, seed: int = 0) -> list[Stepper]:
     """One optimizer-step :class:`Stepper` per row, each with its own copy of the
-    same random parameters and the shared gradients."""
+    same random parameters and the shared gradients, their sign alternating."""
     labels = riemax.labels_by_rule(shapes)
     params, grads = random_params_and_grads(shapes, labels, seed)
+    even, odd = alternating(grads)
     steppers = []
     for row in rows:
         tx = row.build(labels)
         own = jax.tree.map(jnp.copy, params)
         state = (own, tx.init(own))
-        steppers.append(Stepper(row.name, make_optimizer_step(tx), state, (grads,)))
+        steppers.append(
+            Stepper(row.name, make_optimizer_step(tx), state, (even,), alternate=(odd,))
+        )
     return steppers
 
 

@@ -3,8 +3,8 @@ manifold Muon) next to optax's SGD and riemax's SGD-G, on real parameter trees.
 
 One step is ``tx.update(grads, state, params)`` followed by
 ``optax.apply_updates``, jitted with the params and optimizer-state buffers
-donated; the gradients are a fixed random tree (as in
-:mod:`benchmarks.optimizer_step`). Every row is the optimizer as the runner
+donated; the gradients are a fixed random tree whose sign alternates from step
+to step (as in :mod:`benchmarks.optimizer_step`). Every row is the optimizer as the runner
 builds it (``experiments/optimizers/``: the table's default rates, its
 companion and weight decay, its own manifold split, a constant learning rate),
 with its own copy of the parameters put on its manifold first:
@@ -55,6 +55,7 @@ from benchmarks._common import (
     Stepper,
     Table,
     all_finite,
+    alternating,
     baseline_tx,
     check_finite,
     machine_header,
@@ -118,7 +119,10 @@ def make_row(name: str, shapes: Any, seed: int = 0) -> tuple[Stepper, int]:
         own = start_params(name, params, labels)
         n_manifold = sum(1 for x in jax.tree.leaves(labels) if x == riemax.MANIFOLD)
         title = f"{name} (hybrid)"
-    stepper = Stepper(title, make_optimizer_step(tx), (own, tx.init(own)), (grads,))
+    even, odd = alternating(grads)
+    stepper = Stepper(
+        title, make_optimizer_step(tx), (own, tx.init(own)), (even,), alternate=(odd,)
+    )
     return stepper, n_manifold
 
 

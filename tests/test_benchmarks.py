@@ -60,3 +60,53 @@ def test_common_helpers():
     assert "| x | 1.50 |" in table.markdown()
     a, b, r2 = __import__("benchmarks.scaling").scaling.fit_line([1, 2, 3], [3, 5, 7])
     assert (round(a, 6), round(b, 6), round(r2, 6)) == (1.0, 2.0, 1.0)
+
+
+def test_optimizer_steps_alternate_the_gradient_sign():
+    """The optimizer-only benchmarks time the step training runs: with one fixed
+    gradient a kernel's units turn parallel to it within a few steps (then the
+    sphere optimizers take their nearly-radial path every step); with the sign
+    alternating they stay near where they started."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import riemax
+    from benchmarks._common import Stepper, candidate_rows
+    from benchmarks.optimizer_step import make_steppers
+    from experiments.models import param_shapes
+
+    shapes = param_shapes("wrn-10-1", 10)
+    labels = riemax.labels_by_rule(shapes)
+    rows = candidate_rows(omega_zero=False, whole_tree=False, names=("adamg",))
+    (alternating,) = make_steppers(shapes, rows)
+    grads, negated = alternating.cycle[0][0], alternating.cycle[1][0]
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree.leaves(negated)[0]), -np.asarray(jax.tree.leaves(grads)[0])
+    )
+    params, opt_state = alternating.state
+    copy = jax.tree.map(jnp.copy, (params, opt_state))
+    fixed = Stepper("fixed", alternating.fn, copy, (grads,))
+
+    def most_radial(stepper):
+        cos2 = []
+        for w, g, lab in zip(
+            jax.tree.leaves(stepper.state[0]),
+            jax.tree.leaves(grads),
+            jax.tree.leaves(labels),
+            strict=True,
+        ):
+            if lab != riemax.MANIFOLD:
+                continue
+            w = np.asarray(w, np.float64).reshape(-1, w.shape[-1])
+            g = np.asarray(g, np.float64).reshape(-1, g.shape[-1])
+            dots = (w * g).sum(0) ** 2 / ((w * w).sum(0) * (g * g).sum(0))
+            cos2.append(dots.max())
+        return max(cos2)
+
+    start = most_radial(alternating)
+    alternating.run(30)
+    fixed.run(30)
+    assert alternating.steps == 30
+    assert most_radial(alternating) < max(0.5, 1.5 * start)
+    assert most_radial(fixed) > 0.9
