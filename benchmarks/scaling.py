@@ -1,8 +1,8 @@
 """Optimizer-step time vs parameter count (WRN-28-k, k = 1, 2, 4, 8, 10).
 
 The optimizer-only step of :mod:`benchmarks.optimizer_step` (``tx.update`` +
-``optax.apply_updates``, donated buffers, random gradients of alternating sign) on the WRN-28-k
-parameter trees (``experiments.models.param_shapes``, from 0.37M to 36.5M
+``optax.apply_updates``, donated buffers, random gradients of alternating sign) on
+the WRN-28-k parameter trees (``experiments.models.param_shapes``, from 0.37M to 36.5M
 parameters). Rows: the ``sgdg`` and ``adamg`` hybrids with ``omega=0`` and with the
 default ``omega=0.1``, and the optax baselines ``optax.sgd(0.1, momentum=0.9,
 nesterov=True)`` and ``optax.adam(1e-3)`` on the whole tree. The rows of one width are

@@ -4,8 +4,8 @@ manifold Muon) next to optax's SGD and riemax's SGD-G, on real parameter trees.
 One step is ``tx.update(grads, state, params)`` followed by
 ``optax.apply_updates``, jitted with the params and optimizer-state buffers
 donated; the gradients are a fixed random tree whose sign alternates from step
-to step (as in :mod:`benchmarks.optimizer_step`). Every row is the optimizer as the runner
-builds it (``experiments/optimizers/``: the table's default rates, its
+to step (as in :mod:`benchmarks.optimizer_step`). Every row is the optimizer as
+the runner builds it (``experiments/optimizers/``: the table's default rates, its
 companion and weight decay, its own manifold split, a constant learning rate),
 with its own copy of the parameters put on its manifold first:
 
