@@ -648,6 +648,59 @@ def test_rotational_matches_reference(inner, zero_mean, centre):
         np.testing.assert_allclose(unit_norms(ours[n]), refs[n].r.ravel(), rtol=1e-13)
 
 
+def _careful_passes(monkeypatch):
+    """A counter of the steps whose nearly-radial (or nearly constant) branch
+    runs: it sums the combinations directly."""
+    taken = [0]
+    careful = _numerics._careful_sums
+
+    def counted(requests):
+        jax.debug.callback(lambda: taken.__setitem__(0, taken[0] + 1))
+        return careful(requests)
+
+    monkeypatch.setattr(_numerics, "_careful_sums", counted)
+    return taken
+
+
+def _direction_with_a_large_mean(steps):
+    """Float32 rotational steps (momentum-SGD direction) on a centred kernel whose
+    gradients have a per-unit mean of about two thirds of their squared norm, and
+    the float64 reference's steps."""
+    rng = np.random.default_rng(3)
+    shape = (3, 3, 8, 6)
+    p0 = rotational_ref.center_units(rng.standard_normal(shape))
+    grads = [1.0 + 0.7 * rng.standard_normal(shape) for _ in range(steps)]
+    tx = riemax.rotational(optax.trace(0.9), 0.05)
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    ref = rotational_ref.Rotational(p0, rotational_ref.MomentumDirection(p0, 0.9), 0.05)
+    theirs = p0
+    for g in grads:
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        theirs = ref.step(theirs, g)
+    jax.block_until_ready(params)
+    return np.asarray(params, np.float64), theirs
+
+
+def test_rotational_direction_with_a_large_mean_takes_one_pass(monkeypatch):
+    # Without the shift the Gram identity's centred norm keeps about a third of
+    # |u|^2 on every unit: each step would sum the centred direction again.
+    taken = _careful_passes(monkeypatch)
+    ours, theirs = _direction_with_a_large_mean(3)
+    assert taken[0] == 0
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+    monkeypatch.setattr(
+        riemax._rotational,
+        "_shift",
+        lambda u, axes: jnp.zeros_like(jnp.sum(u, axis=axes, keepdims=True)),
+    )
+    ours, theirs = _direction_with_a_large_mean(3)
+    assert taken[0] == 3
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+
+
 def test_rotational_schedule_rate_matches_reference():
     def sched(count):
         return 0.1 * 0.8**count
