@@ -10,7 +10,8 @@ counterpart in the same process:
   the experiments build them): ms per step, images per second, ratio, and the
   compile time of the jitted step with its ratio;
 - **optimizer only** (``tx.update`` + ``optax.apply_updates`` on the model's
-  parameter tree, random gradients, ``omega = 0``): every sphere optimizer
+  parameter tree, random gradients whose sign alternates from step to step,
+  ``omega = 0``): every sphere optimizer
   against its optax counterpart (Nesterov SGD or Adam), as the ratio of the
   medians of interleaved repetitions, with the range of the per-repetition
   ratios.
@@ -208,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         f"baseline {BASELINE_DESCRIPTION['sgd']} on every parameter; riemax hybrids "
         "as the experiments build them (manifold kernels from riemax.labels_by_rule, "
         "Nesterov SGD with L2 5e-4 elsewhere). Optimizer-only: tx.update + "
-        "optax.apply_updates on the model's parameter tree, random gradients, "
+        "optax.apply_updates on the model's parameter tree, random gradients of "
+        "alternating sign, "
         f"omega = 0; counterparts sgd = {BASELINE_DESCRIPTION['sgd']}, adam = "
         f"{BASELINE_DESCRIPTION['adam']}.",
         f"Ratios: median over {args.reps} interleaved repetitions of riemax's time "
