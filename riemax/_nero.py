@@ -22,15 +22,24 @@ import jax.numpy as jnp
 import optax
 
 from riemax import _checks as checks
-from riemax._gram import Batched, gram_program, norm, normalize, normalize_program
+from riemax._gram import (
+    Batched,
+    Fallback,
+    gram_program,
+    gram_request,
+    norm,
+    normalize,
+)
 from riemax._leafmap import Step, schedule_value, stateful
 from riemax._numerics import (
+    PAIR_GRAM,
+    TRUSTED_FRACTION,
     acc_dtype,
     centered,
+    combination,
     exponent,
     group_size,
     kept_shape,
-    per_unit,
     pow2,
     root_ema,
     safe_div,
@@ -39,6 +48,7 @@ from riemax._numerics import (
     unit_axes,
     unscaled,
 )
+from riemax._sums import as_matrix
 
 
 class ScaleByNeroState(NamedTuple):
@@ -196,11 +206,17 @@ def scale_by_nero(
         # Neurons of several elements and single elements are two batches.
         units = functools.partial(_nero_units, b2=b2, **hyper)
         elements = functools.partial(_nero_units, b2=b2, **hyper)
+        derive = functools.partial(_nero_point, b2=b2, **hyper)
 
         def leaf(g, nu, scale, w):
             g, w_acc = to_acc(g), to_acc(w)
             axes = _neuron_axes(w.ndim)
             n = group_size(w.shape, axes)
+            if constraints and axes:
+                delta, nu = yield from _constrained(
+                    g, nu, scale, w_acc, axes, n, derive
+                )
+                return delta.astype(w.dtype), nu
             # Root mean square of g over the neuron (|g| for one element), and
             # its moving average; g~ = g 2**-e_g per neuron.
             if axes:
@@ -211,26 +227,68 @@ def scale_by_nero(
             inputs = (nu, g_sq, e_g, jnp.asarray(n, nu.dtype), scale)
             fn = units if axes else elements
             nu, step, f_g = yield Batched(fn, inputs, nu.shape)
-            if not (constraints and axes):
-                return (-((g * f_g) * step)).astype(w.dtype), nu
-            # The new point on the scale of w: q~ = w~ - beta g~, then centred and
-            # normalized per unit (exact for any magnitude of w and of the step).
-            beta = unscaled(step, -gr.exps[0])
-            f_w, beta = per_unit(gr.factor(0), beta)
-
-            def moved():
-                return (w_acc * f_w) - beta * (g * f_g)
-
-            q = moved()
-            mean = jnp.mean(q, axis=axes, keepdims=True)
-            c = yield from normalize_program(
-                q - mean, axes, 0.0, source=lambda: moved() - mean
-            )
-            return (c[0] - w_acc).astype(w.dtype), nu
+            return (-((g * f_g) * step)).astype(w.dtype), nu
 
         return Step(leaf, extra=(state.scale,))
 
     return stateful(owner, init, prepare, fields=("nu",), units=False)
+
+
+#: The per-unit sums of a constrained kernel's step, of ``(w~, g~)``:
+#: ``|g~|^2, |w~|^2, <w~, g~>, sum w~, sum g~``.
+_KERNEL_PAIRS = ((1, 1), (0, 0), (0, 1), (0, None), (1, None))
+
+
+def _constrained(g, nu, scale, w, axes, n, derive):
+    """One constrained kernel's step (a program): the new point is the centred
+    and normalised ``q~ = w~ - beta g~``, whose mean and centred squared norm
+    come from the one pass over ``w`` and ``g`` that also gives ``|g|^2``
+    (:func:`_nero_point`); where that identity cancels anywhere, the step sums
+    ``(q~ - mean)^2`` directly. ``q~`` is never stored: the write computes it
+    from ``w`` and ``g``."""
+    inputs = (nu, jnp.asarray(n, nu.dtype), scale)
+    gr = yield gram_request((w, g), _KERNEL_PAIRS, axes, inputs=inputs, derive=derive)
+    parts = gr.derived
+    nu, f_g, f_w, beta, mean = (parts[i] for i in range(5))
+
+    def centred():
+        return ((w * f_w) - beta * (g * f_g)) - mean
+
+    cc = yield Fallback(
+        parts[5],
+        parts[6] > 0,
+        lambda: [as_matrix(centred(), axes)],
+        ((0, 0),),
+        whole=parts.arrays[6],
+        whole_value=parts.arrays[5],
+        span=(parts.start, parts.stop),
+    )
+    inverse = yield Batched(_inverse_root, cc, cc.shape)
+    return (centred() * inverse - w), nu
+
+
+def _inverse_root(cc):
+    """``1 / sqrt(cc)``, 0 where ``cc`` is 0 (a constant unit maps to 0)."""
+    return safe_div(1.0, safe_sqrt(cc))
+
+
+def _nero_point(gr, inputs, leaf=None, *, lr, count, b2):
+    """Every constrained kernel unit of the step at once, from its sums
+    (:data:`_KERNEL_PAIRS`): ``(nu, f_g, f_w, beta, mean, cc, cancels)``, the new
+    point being ``(q~ - mean) / sqrt(cc)`` with ``q~ = w f_w - beta g f_g``;
+    ``cancels`` is 1 where the identity for ``cc = |q~ - mean|^2`` cancels."""
+    nu, n, scale = inputs
+    gg, ww, wg, sum_w, sum_g = gr.values
+    e_w, e_g = gr.exps
+    nu, step, f_g = _nero_units((nu, gg, e_g, n, scale), lr=lr, count=count, b2=b2)
+    # The step on the scale of w: q~ = w~ - beta g~ (w~ = w 2**-e_w).
+    beta = unscaled(step, -e_w)
+    mean = (sum_w - beta * sum_g) / n
+    cc = jnp.maximum(
+        combination((1.0, -beta), (ww, wg, gg), PAIR_GRAM) - n * mean * mean, 0
+    )
+    cancels = jnp.where(cc < TRUSTED_FRACTION * (ww + beta * beta * gg), 1.0, 0.0)
+    return nu, f_g, pow2(-e_w, nu.dtype), beta, mean, cc, cancels.astype(cc.dtype)
 
 
 def _nero_units(inputs, *, lr, count, b2):

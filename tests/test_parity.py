@@ -701,6 +701,50 @@ def test_rotational_direction_with_a_large_mean_takes_one_pass(monkeypatch):
     np.testing.assert_allclose(ours, theirs, atol=2e-6)
 
 
+def _nero_steps(p0, steps=3):
+    """Float32 Nero steps (constraints on) on one kernel with Gaussian gradients,
+    and the float64 reference's steps."""
+    rng = np.random.default_rng(4)
+    # Both sides start from the same float32 values.
+    p0 = np.asarray(p0, np.float32).astype(np.float64)
+    grads = [
+        rng.standard_normal(p0.shape).astype(np.float32).astype(np.float64)
+        for _ in range(steps)
+    ]
+    tx = riemax.nero(0.01)
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    ref = nero_ref.Nero(p0, 0.01)
+    theirs = p0
+    for g in grads:
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        theirs = ref.step(theirs, g)
+    jax.block_until_ready(params)
+    return np.asarray(params, np.float64), theirs
+
+
+def test_nero_centres_and_normalises_from_one_pass(monkeypatch):
+    """Nero's new point: mean and centred norm from the sums of w and g (one
+    pass); where that identity cancels (a unit far from centred, as before the
+    first projection) the step sums the centred point directly."""
+    taken = _careful_passes(monkeypatch)
+    rng = np.random.default_rng(5)
+    projected = nero_ref.nero_project(rng.standard_normal((3, 3, 4, 5)))
+    ours, theirs = _nero_steps(projected)
+    assert taken[0] == 0
+    np.testing.assert_allclose(ours, theirs, atol=3e-7)  # elements up to 0.6
+    # Units with a mean 30 times their spread: the first step's centred norm
+    # keeps about 1/900 of |q|^2, and only that step takes the direct sums. The
+    # float32 q itself is rounded on the scale of its mean: 30 times coarser
+    # than on the centred point's.
+    off_centre = 3.0 + 0.1 * rng.standard_normal((3, 3, 4, 5))
+    ours, theirs = _nero_steps(off_centre)
+    assert taken[0] == 1
+    np.testing.assert_allclose(ours, theirs, atol=3e-6)
+
+
 def test_rotational_schedule_rate_matches_reference():
     def sched(count):
         return 0.1 * 0.8**count
