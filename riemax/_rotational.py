@@ -115,12 +115,14 @@ def _direction(gr: Gram, inputs, leaf=None):
     # shifted direction u - c (:func:`_shift`): <p, u> = <p, u - c> + c sum(p),
     # and removing the mean removes the shift.
     r_s = unscaled(r, -gr.exps[0])
-    kappa = safe_div(pu + unscaled(c, -gr.exps[1]) * sum_p, r_s * r_s)
+    c_s = unscaled(c, -gr.exps[1])
+    kappa = safe_div(pu + c_s * sum_p, r_s * r_s)
     mu = (sum_u - kappa * sum_p) / n
     vv = combination((1.0, -kappa), (uu, pu, pp), PAIR_GRAM) - n * mu * mu
     pv = pu - kappa * pp - mu * sum_p
     cancels = jnp.where(vv < TRUSTED_FRACTION * uu, 1.0, 0.0).astype(vv.dtype)
-    return kappa, mu, vv, pv, cancels
+    # The mean taken from u~ itself (the shift put back): v~ = u~ - kappa p~ - mu.
+    return kappa, mu + c_s, vv, pv, cancels
 
 
 def _step_units(inputs, *, rate, count, decay, eps):
@@ -180,10 +182,20 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
     if zero_mean:
         pairs += ((0, None), (1, None))
         c = _shift(u, axes)
-        u = u - c
+        shifted = u - c  # summed only: the writes read u itself
     else:
         c = jnp.zeros(r.shape, u.dtype)
-    gr = yield gram_request((p, u), pairs, axes, inputs=(r, n, c), derive=derive)
+        shifted = u
+    # The rescaled branch shifts u again itself: a shifted copy crossing the
+    # branch would be stored on every step.
+    gr = yield gram_request(
+        (p, shifted),
+        pairs,
+        axes,
+        inputs=(r, n, c),
+        derive=derive,
+        source=(lambda: (p, u - c)) if zero_mean else None,
+    )
     # Units where the Gram identity cancels are tested once for every unit of
     # the step; the flat vv and pv cross the branch as single arrays, and the
     # branch reads each leaf's part of kappa and mu.
