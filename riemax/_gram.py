@@ -110,6 +110,10 @@ class UnitRequest(NamedTuple):
     #: computed from others (a centred array) then cross the conditional as
     #: their inputs, not as one more array written per leaf.
     source: Callable[[], Sequence[jax.Array]] | None = None
+    #: Optionally, per matrix, a row (``(1, groups)``) subtracted from it before
+    #: its products are summed, or None: the difference is formed inside the
+    #: summing loops (also the CPU blocked one) and never stored.
+    shifts: tuple[jax.Array | None, ...] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -328,7 +332,10 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     variadic reduction per run of leaves (:func:`_runs`, the order of
     ``requests``) for the maxima and one for the sums."""
     dtype = requests[0].mats[0].dtype
-    mats_of = [r.mats if r.source is None else tuple(r.source()) for r in requests]
+    mats_of = [
+        tuple(r.source()) if r.source is not None else _shifted(r.mats, r.shifts)
+        for r in requests
+    ]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
     maxes = _once(
         _flat([column_max_abs([jax.lax.stop_gradient(x) for x in run]) for run in runs])
@@ -464,11 +471,21 @@ def _flat(parts: Sequence[Sequence[jax.Array]]) -> tuple[jax.Array, ...]:
     return tuple(jnp.concatenate(xs) for xs in zip(*parts, strict=True))
 
 
-def _plain_sums(mats_of: Sequence[Sequence[jax.Array]], pairs) -> tuple[jax.Array, ...]:
+def _shifted(mats, shifts) -> tuple[jax.Array, ...]:
+    """``mats`` with their rows of ``shifts`` subtracted (see
+    :class:`UnitRequest`)."""
+    if shifts is None:
+        return tuple(mats)
+    return tuple(m if c is None else m - c for m, c in zip(mats, shifts, strict=True))
+
+
+def _plain_sums(
+    mats_of: Sequence[Sequence[jax.Array]], pairs, shifts_of=None
+) -> tuple[jax.Array, ...]:
     """Plain column sums of the pair products of every leaf, one pass over each
     leaf (side by side, a run's matrices would be copied first: on CPU the copy
     costs more than the loops it saves)."""
-    return _flat(one_pass(mats_of, pairs))
+    return _flat(one_pass(mats_of, pairs, shifts_of=shifts_of))
 
 
 def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
@@ -493,7 +510,11 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
     for members, keeps in zip(members_of, keeps_of, strict=True):
         first = requests[members[0]]
         sums = _once(
-            _plain_sums([requests[i].mats for i in members], _all_pairs(first))
+            _plain_sums(
+                [requests[i].mats for i in members],
+                _all_pairs(first),
+                [requests[i].shifts for i in members],
+            )
         )
         floor = jnp.asarray(
             np.repeat(
@@ -782,11 +803,14 @@ def gram_request(
     inputs: Any = None,
     derive: Callable[..., tuple[jax.Array, ...]] | None = None,
     source: Callable[[], Sequence[jax.Array]] | None = None,
+    shifts: Sequence[jax.Array | None] | None = None,
 ) -> UnitRequest:
     """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
 
     ``source()``, if given, computes ``arrays`` again (from the arrays they are
-    computed from), inside the rescaled branch only.
+    computed from), inside the rescaled branch only. ``shifts``, if given, holds
+    per array a per-group array (dims kept) or None: the Gram is then that of
+    ``arrays[p] - shifts[p]``, the differences formed inside the summing loops.
     """
     axes = tuple(axes)
     if not axes:
@@ -812,8 +836,24 @@ def gram_request(
         def remade():
             return [as_matrix(a, axes) for a in source()]
 
+    rows = None
+    if shifts is not None:
+        rows = tuple(
+            None if c is None else jnp.broadcast_to(c, keep).reshape(1, -1)
+            for c in shifts
+        )
     return UnitRequest(
-        floor, verify, tuple(mats), pairs, diagonal, keep, then, inputs, derive, remade
+        floor,
+        verify,
+        tuple(mats),
+        pairs,
+        diagonal,
+        keep,
+        then,
+        inputs,
+        derive,
+        remade,
+        rows,
     )
 
 

@@ -182,19 +182,17 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
     if zero_mean:
         pairs += ((0, None), (1, None))
         c = _shift(u, axes)
-        shifted = u - c  # summed only: the writes read u itself
     else:
         c = jnp.zeros(r.shape, u.dtype)
-        shifted = u
-    # The rescaled branch shifts u again itself: a shifted copy crossing the
-    # branch would be stored on every step.
+    # The sums are those of u - c, formed inside the summing loops only (the
+    # writes read u itself): a shifted copy would be stored on every step.
     gr = yield gram_request(
-        (p, shifted),
+        (p, u),
         pairs,
         axes,
         inputs=(r, n, c),
         derive=derive,
-        source=(lambda: (p, u - c)) if zero_mean else None,
+        shifts=(None, c) if zero_mean else None,
     )
     # Units where the Gram identity cancels are tested once for every unit of
     # the step; the flat vv and pv cross the branch as single arrays, and the

@@ -44,8 +44,19 @@ def _stats(mats, pairs):
     return tuple(jnp.sum(product(mats, p, q), axis=0) for p, q in pairs)
 
 
-def _blocked_stats(*mats, pairs, block):
-    """:func:`_stats` in one pass over memory: row blocks in a ``fori_loop``."""
+def _minus(mats, shifts):
+    """``mats`` less their rows of ``shifts`` (None: nothing subtracted)."""
+    return [m if c is None else m - c for m, c in zip(mats, shifts, strict=True)]
+
+
+def _blocked_stats(*arrays, pairs, block, shifted):
+    """:func:`_stats` in one pass over memory: row blocks in a ``fori_loop``.
+    ``arrays`` are the matrices, then the rows subtracted from those marked in
+    ``shifted`` (inside the loop: a difference formed before it would be
+    stored)."""
+    mats = list(arrays[: len(shifted)])
+    extra = iter(arrays[len(shifted) :])
+    shifts = [next(extra) if s else None for s in shifted]
     rows = mats[0].shape[0]
     count, rest = divmod(rows, block)
 
@@ -54,14 +65,15 @@ def _blocked_stats(*mats, pairs, block):
 
     def body(i, acc):
         part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
-        return merge(acc, _stats(part, pairs))
+        return merge(acc, _stats(_minus(part, shifts), pairs))
 
     zeros = tuple(
         jnp.zeros(mats[0].shape[1:], product(mats, p, q).dtype) for p, q in pairs
     )
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
-        acc = merge(acc, _stats([m[count * block :] for m in mats], pairs))
+        tail = _minus([m[count * block :] for m in mats], shifts)
+        acc = merge(acc, _stats(tail, pairs))
     return acc
 
 
@@ -107,7 +119,9 @@ def _fused_stats_jvp(pairs, primals, tangents):
     return out, tangent
 
 
-def one_pass(mats_of, pairs, *, fused: bool = False, blocked: bool = True):
+def one_pass(
+    mats_of, pairs, *, fused: bool = False, blocked: bool = True, shifts_of=None
+):
     """Column sums of the pair products of each leaf's matrices (``mats_of``, a
     sequence of one tuple of matrices per leaf), each in a single pass over
     memory.
@@ -118,32 +132,59 @@ def one_pass(mats_of, pairs, *, fused: bool = False, blocked: bool = True):
     there; other backends merge sibling reductions themselves and get the plain
     reductions. ``blocked=False`` keeps the plain reductions on CPU too: inside
     a conditional's branch the blocked loop makes XLA copy the branch's kernels
-    on every step, taken or not.
+    on every step, taken or not. ``shifts_of``, if given, holds per leaf None or
+    per matrix a row ``(1, groups)`` (or None) to subtract from it first.
     """
     pairs = tuple(pairs)
-    out: list[Any] = [None] * len(mats_of)
-    small = [
-        i
-        for i, mats in enumerate(mats_of)
-        if fused or mats[0].shape[0] * mats[0].shape[1] <= FUSED_MAX_ELEMENTS
+    if shifts_of is None:
+        shifts_of = [None] * len(mats_of)
+    shifts_of = [
+        (None,) * len(mats) if shifts is None else tuple(shifts)
+        for mats, shifts in zip(mats_of, shifts_of, strict=True)
     ]
+    out: list[Any] = [None] * len(mats_of)
+
+    def is_small(mats, shifts):
+        rows, cols = mats[0].shape
+        if fused or rows * cols <= FUSED_MAX_ELEMENTS:
+            return True
+        # A shifted matrix that the blocked loop does not take: its difference
+        # would be stored to feed several plain reductions.
+        block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
+        return any(c is not None for c in shifts) and rows < 2 * block
+
+    small = [i for i, mats in enumerate(mats_of) if is_small(mats, shifts_of[i])]
     if small:
-        found = _fused_stats([list(mats_of[i]) for i in small], pairs)
+        found = _fused_stats([_minus(mats_of[i], shifts_of[i]) for i in small], pairs)
         for i, sums in zip(small, found, strict=True):
             out[i] = tuple(sums)
     for i, mats in enumerate(mats_of):
         if out[i] is not None:
             continue
+        shifts = shifts_of[i]
         block = max(1, CPU_BLOCK_ELEMENTS // max(mats[0].shape[1], 1))
         if blocked and mats[0].shape[0] >= 2 * block:
+            shifted = tuple(c is not None for c in shifts)
+            n = len(mats)
             out[i] = jax.lax.platform_dependent(
                 *mats,
-                cpu=functools.partial(_blocked_stats, pairs=pairs, block=block),
-                default=lambda *m: _stats(m, pairs),
+                *(c for c in shifts if c is not None),
+                cpu=functools.partial(
+                    _blocked_stats, pairs=pairs, block=block, shifted=shifted
+                ),
+                default=lambda *a, s=shifts, n=n: _stats(
+                    _minus(a[:n], _rows(a[n:], s)), pairs
+                ),
             )
         else:
-            out[i] = _stats(mats, pairs)
+            out[i] = _stats(_minus(mats, shifts), pairs)
     return out
+
+
+def _rows(extra, shifts):
+    """The rows passed after the matrices, back in the places of ``shifts``."""
+    rest = iter(extra)
+    return [None if c is None else next(rest) for c in shifts]
 
 
 def column_max_abs(mats):

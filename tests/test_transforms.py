@@ -630,6 +630,49 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
         )
 
 
+@pytest.mark.parametrize(
+    "rows, block", [(9, 1 << 19), (40000, 1 << 19), (40000, 1 << 13)]
+)
+@pytest.mark.parametrize("big", [False, True])
+def test_gram_of_shifted_arrays_sums_the_differences(monkeypatch, rows, block, big):
+    """``shifts`` give the Gram of ``a - c`` with the differences formed inside
+    the summing loops (small matrices, larger ones, the CPU blocked loop): exact
+    where the identity from the sums of ``a`` would have lost six digits to a
+    mean 1000 times the spread, and in the rescaled branch (magnitudes whose
+    squares overflow float32)."""
+    from riemax import _gram, _sums
+
+    monkeypatch.setattr(_sums, "CPU_BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(1)
+    scale = 1e30 if big else 1.0
+    p = rng.standard_normal((rows, 6)) * scale
+    a = (1000.0 + rng.standard_normal((rows, 6))) * scale
+    a32 = np.asarray(a, np.float32).astype(np.float64)
+    c = np.asarray(a32[: min(rows, 8)].mean(0, keepdims=True), np.float32)
+    pairs = ((0, 0), (0, 1), (1, 1), (1, None))
+
+    def program(x, y, shift):
+        gr = yield _gram.gram_request((x, y), pairs, (0,), shifts=(None, shift))
+        return [gr.values[i] for i in range(4)], [gr.exps[i] for i in range(2)]
+
+    values, exps = jax.jit(lambda x, y, s: _gram.run(program(x, y, s)))(
+        jnp.asarray(p, jnp.float32), jnp.asarray(a32, jnp.float32), jnp.asarray(c)
+    )
+    exps = [np.asarray(e, np.float64) for e in exps]
+    d = a32 - c.astype(np.float64)
+    p32 = np.asarray(p, np.float32).astype(np.float64)
+    want = [
+        (p32 * p32).sum(0, keepdims=True),
+        (p32 * d).sum(0, keepdims=True),
+        (d * d).sum(0, keepdims=True),
+        d.sum(0, keepdims=True),
+    ]
+    powers = [exps[0] * 2, exps[0] + exps[1], exps[1] * 2, exps[1]]
+    for value, power, w in zip(values, powers, want, strict=True):
+        true = np.asarray(value, np.float64) * 2.0**power
+        np.testing.assert_allclose(true, w, rtol=2e-5, atol=1e-5 * np.abs(w).max())
+
+
 @pytest.mark.parametrize("block", [1 << 19, 64])
 @pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
 def test_gram_plain_sums_in_the_same_pass(monkeypatch, block, scale):
