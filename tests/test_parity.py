@@ -662,6 +662,20 @@ def _careful_passes(monkeypatch):
     return taken
 
 
+def _float32_steps(tx, ref, p0, grads):
+    """``tx``'s float32 steps on the kernel ``p0`` and the float64 reference
+    ``ref``'s, with the same gradients: both final kernels in float64."""
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    theirs = p0
+    for g in grads:
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        theirs = ref.step(theirs, g)
+    return np.asarray(params, np.float64), theirs
+
+
 def _direction_with_a_large_mean(steps):
     """Float32 rotational steps (momentum-SGD direction) on a centred kernel whose
     gradients have a per-unit mean of about two thirds of their squared norm, and
@@ -671,17 +685,8 @@ def _direction_with_a_large_mean(steps):
     p0 = rotational_ref.center_units(rng.standard_normal(shape))
     grads = [1.0 + 0.7 * rng.standard_normal(shape) for _ in range(steps)]
     tx = riemax.rotational(optax.trace(0.9), 0.05)
-    params = jnp.asarray(p0, jnp.float32)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
     ref = rotational_ref.Rotational(p0, rotational_ref.MomentumDirection(p0, 0.9), 0.05)
-    theirs = p0
-    for g in grads:
-        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
-        params = optax.apply_updates(params, updates)
-        theirs = ref.step(theirs, g)
-    jax.block_until_ready(params)
-    return np.asarray(params, np.float64), theirs
+    return _float32_steps(tx, ref, p0, grads)
 
 
 def test_rotational_direction_with_a_large_mean_takes_one_pass(monkeypatch):
@@ -711,18 +716,7 @@ def _nero_steps(p0, steps=3):
         rng.standard_normal(p0.shape).astype(np.float32).astype(np.float64)
         for _ in range(steps)
     ]
-    tx = riemax.nero(0.01)
-    params = jnp.asarray(p0, jnp.float32)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    ref = nero_ref.Nero(p0, 0.01)
-    theirs = p0
-    for g in grads:
-        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
-        params = optax.apply_updates(params, updates)
-        theirs = ref.step(theirs, g)
-    jax.block_until_ready(params)
-    return np.asarray(params, np.float64), theirs
+    return _float32_steps(riemax.nero(0.01), nero_ref.Nero(p0, 0.01), p0, grads)
 
 
 def test_nero_centres_and_normalises_from_one_pass(monkeypatch):
