@@ -125,19 +125,28 @@ def projections(eps, wd_ratio) -> Projections:
     )
 
 
-def _project(w, g, d, *, delta, mode, rules: Projections) -> Program:
+def _project(w, g, direction, *, delta, mode, rules: Projections) -> Program:
     """``(d minus its projection on the units of w, decay ratio, branch)``
-    (accumulation dtype).
+    (accumulation dtype), with ``d = fn(*sources)`` for ``direction = (fn,
+    sources)``, ``fn`` elementwise.
 
     ``mode`` is :data:`TEST` (the per-step test on the gradient ``g``),
     :data:`~riemax.MANIFOLD` (always the channel view) or
     :data:`~riemax.EUCLIDEAN` (never; also a leaf with fewer than two axes).
+    The per-unit sums compute ``d`` from its sources inside their loops (and
+    inside the rescaled branch): a ``d`` computed before them would be stored on
+    every step.
     """
+    fn, sources = direction
+    d = fn(*sources)
     if mode == EUCLIDEAN or w.ndim < 2:
         return d, 1.0, jnp.int32(NO_PROJECTION)
     axes = unit_axes(w.ndim)
     if mode == MANIFOLD:
-        gr = yield gram_request((w, d), ((0, 0), (0, 1)), axes, derive=rules.channel)
+        gr = yield gram_request(
+            (w, d), ((0, 0), (0, 1)), axes, derive=rules.channel,
+            forms=(None, direction),
+        )  # fmt: skip
     else:
         n = group_size(w.shape, axes)
         inputs = (
@@ -146,7 +155,7 @@ def _project(w, g, d, *, delta, mode, rules: Projections) -> Program:
         )
         gr = yield gram_request(
             (w, d, g), ((0, 0), (0, 1), (2, 2), (0, 2)), axes,
-            inputs=inputs, derive=rules.tested,
+            inputs=inputs, derive=rules.tested, forms=(None, direction, None),
         )  # fmt: skip
     coef, factor, scale, ratio, branch = gr.derived
     return (
@@ -181,10 +190,13 @@ def adamp_leaf(
     v = b2 * v + (1 - b2) * g * g
     t = count.astype(m.dtype)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
-    den = safe_sqrt(v) / jnp.sqrt(bc2) + eps  # gradient 0, not NaN, at v = 0
-    d = (b1 * m + (1 - b1) * g if nesterov else m) / den
+
+    def direction(m, v, g):
+        den = safe_sqrt(v) / jnp.sqrt(bc2) + eps  # gradient 0, not NaN, at v = 0
+        return (b1 * m + (1 - b1) * g if nesterov else m) / den
+
     d, ratio, branch = yield from _project(
-        w_acc, g, d, delta=delta, mode=mode, rules=rules
+        w_acc, g, (direction, (m, v, g)), delta=delta, mode=mode, rules=rules
     )
     update = -(lr * weight_decay * ratio) * w_acc - (lr / bc1) * d
     return update.astype(w.dtype), m, v, branch
@@ -210,9 +222,12 @@ def sgdp_leaf(
     rules = projections(eps, wd_ratio) if rules is None else rules
     g, buf, w_acc = to_acc(g), to_acc(buf), to_acc(w)
     buf = momentum * buf + (1 - dampening) * g
-    d = g + momentum * buf if nesterov else buf
+
+    def direction(g, buf):
+        return g + momentum * buf if nesterov else buf
+
     d, ratio, branch = yield from _project(
-        w_acc, g, d, delta=delta, mode=mode, rules=rules
+        w_acc, g, (direction, (g, buf)), delta=delta, mode=mode, rules=rules
     )
     if not nesterov:
         buf = d  # the original projects the buffer itself, in place

@@ -110,10 +110,11 @@ class UnitRequest(NamedTuple):
     #: computed from others (a centred array) then cross the conditional as
     #: their inputs, not as one more array written per leaf.
     source: Callable[[], Sequence[jax.Array]] | None = None
-    #: Optionally, per matrix, a row (``(1, groups)``) subtracted from it before
-    #: its products are summed, or None: the difference is formed inside the
-    #: summing loops (also the CPU blocked one) and never stored.
-    shifts: tuple[jax.Array | None, ...] | None = None
+    #: Optionally, per matrix, None or a form ``(fn, sources)``: the matrix is
+    #: ``fn(*sources)`` (elementwise; sources are matrices or rows ``(1,
+    #: groups)``), computed inside the summing loops (the CPU blocked one too)
+    #: and in the rescaled branch, never stored.
+    forms: tuple[Any, ...] | None = None
 
 
 def _from_plain(sums, pairs, diagonal) -> Gram:
@@ -333,7 +334,7 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     ``requests``) for the maxima and one for the sums."""
     dtype = requests[0].mats[0].dtype
     mats_of = [
-        tuple(r.source()) if r.source is not None else _shifted(r.mats, r.shifts)
+        tuple(r.source()) if r.source is not None else _formed(r.mats, r.forms)
         for r in requests
     ]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
@@ -471,21 +472,22 @@ def _flat(parts: Sequence[Sequence[jax.Array]]) -> tuple[jax.Array, ...]:
     return tuple(jnp.concatenate(xs) for xs in zip(*parts, strict=True))
 
 
-def _shifted(mats, shifts) -> tuple[jax.Array, ...]:
-    """``mats`` with their rows of ``shifts`` subtracted (see
-    :class:`UnitRequest`)."""
-    if shifts is None:
+def _formed(mats, forms) -> tuple[jax.Array, ...]:
+    """``mats`` with those given by a form computed (see :class:`UnitRequest`)."""
+    if forms is None:
         return tuple(mats)
-    return tuple(m if c is None else m - c for m, c in zip(mats, shifts, strict=True))
+    return tuple(
+        m if f is None else f[0](*f[1]) for m, f in zip(mats, forms, strict=True)
+    )
 
 
 def _plain_sums(
-    mats_of: Sequence[Sequence[jax.Array]], pairs, shifts_of=None
+    mats_of: Sequence[Sequence[jax.Array]], pairs, forms_of=None
 ) -> tuple[jax.Array, ...]:
     """Plain column sums of the pair products of every leaf, one pass over each
     leaf (side by side, a run's matrices would be copied first: on CPU the copy
     costs more than the loops it saves)."""
-    return _flat(one_pass(mats_of, pairs, shifts_of=shifts_of))
+    return _flat(one_pass(mats_of, pairs, forms_of=forms_of))
 
 
 def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
@@ -513,7 +515,7 @@ def resolve(requests: Sequence[UnitRequest]) -> list[Any]:
             _plain_sums(
                 [requests[i].mats for i in members],
                 _all_pairs(first),
-                [requests[i].shifts for i in members],
+                [requests[i].forms for i in members],
             )
         )
         floor = jnp.asarray(
@@ -803,14 +805,16 @@ def gram_request(
     inputs: Any = None,
     derive: Callable[..., tuple[jax.Array, ...]] | None = None,
     source: Callable[[], Sequence[jax.Array]] | None = None,
-    shifts: Sequence[jax.Array | None] | None = None,
+    forms: Sequence[Any] | None = None,
 ) -> UnitRequest:
     """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
 
     ``source()``, if given, computes ``arrays`` again (from the arrays they are
-    computed from), inside the rescaled branch only. ``shifts``, if given, holds
-    per array a per-group array (dims kept) or None: the Gram is then that of
-    ``arrays[p] - shifts[p]``, the differences formed inside the summing loops.
+    computed from), inside the rescaled branch only. ``forms``, if given, holds
+    per array None or ``(fn, sources)``: the Gram is then that of
+    ``fn(*sources)`` in place of ``arrays[p]`` (``fn`` elementwise; each source
+    of the array's shape, or per-group with dims kept, broadcast over the
+    group), computed inside the summing loops and never stored.
     """
     axes = tuple(axes)
     if not axes:
@@ -836,11 +840,17 @@ def gram_request(
         def remade():
             return [as_matrix(a, axes) for a in source()]
 
-    rows = None
-    if shifts is not None:
-        rows = tuple(
-            None if c is None else jnp.broadcast_to(c, keep).reshape(1, -1)
-            for c in shifts
+    matrix_forms = None
+    if forms is not None:
+
+        def as_source(x):
+            if x.shape == shape:
+                return as_matrix(x, axes)
+            return jnp.broadcast_to(x, keep).reshape(1, -1)
+
+        matrix_forms = tuple(
+            None if f is None else (f[0], tuple(as_source(x) for x in f[1]))
+            for f in forms
         )
     return UnitRequest(
         floor,
@@ -853,7 +863,7 @@ def gram_request(
         inputs,
         derive,
         remade,
-        rows,
+        matrix_forms,
     )
 
 

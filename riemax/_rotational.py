@@ -192,7 +192,7 @@ def _rotate(p, u, r, nu, *, zero_mean, derive, units):
         axes,
         inputs=(r, n, c),
         derive=derive,
-        shifts=(None, c) if zero_mean else None,
+        forms=(None, (jnp.subtract, (u, c))) if zero_mean else None,
     )
     # Units where the Gram identity cancels are tested once for every unit of
     # the step; the flat vv and pv cross the branch as single arrays, and the

@@ -44,36 +44,63 @@ def _stats(mats, pairs):
     return tuple(jnp.sum(product(mats, p, q), axis=0) for p, q in pairs)
 
 
-def _minus(mats, shifts):
-    """``mats`` less their rows of ``shifts`` (None: nothing subtracted)."""
-    return [m if c is None else m - c for m, c in zip(mats, shifts, strict=True)]
+def _formed(mats, forms):
+    """``mats`` with those given by a form ``(fn, sources)`` computed from their
+    sources (None: the matrix itself)."""
+    return [m if f is None else f[0](*f[1]) for m, f in zip(mats, forms, strict=True)]
 
 
-def _blocked_stats(*arrays, pairs, block, shifted):
+def _operands(mats, forms):
+    """The arrays a pass reads (the matrices without a form, then every form's
+    sources) and how to put the matrices back together from them."""
+    arrays: list[Any] = []
+    layout: list[Any] = []
+    for m, f in zip(mats, forms, strict=True):
+        if f is None:
+            layout.append(len(arrays))
+            arrays.append(m)
+        else:
+            layout.append((f[0], tuple(range(len(arrays), len(arrays) + len(f[1])))))
+            arrays.extend(f[1])
+    return arrays, tuple(layout)
+
+
+def _rebuilt(arrays, layout):
+    """The matrices of :func:`_operands` from (slices of) its arrays."""
+    return [
+        arrays[k] if isinstance(k, int) else k[0](*(arrays[j] for j in k[1]))
+        for k in layout
+    ]
+
+
+def _blocked_stats(*arrays, pairs, block, layout):
     """:func:`_stats` in one pass over memory: row blocks in a ``fori_loop``.
-    ``arrays`` are the matrices, then the rows subtracted from those marked in
-    ``shifted`` (inside the loop: a difference formed before it would be
-    stored)."""
-    mats = list(arrays[: len(shifted)])
-    extra = iter(arrays[len(shifted) :])
-    shifts = [next(extra) if s else None for s in shifted]
-    rows = mats[0].shape[0]
+    ``arrays`` and ``layout`` come from :func:`_operands`: a matrix given by a
+    form is computed inside the loop from its sources' rows (one computed before
+    it would be stored); sources of one row are broadcast, not sliced."""
+    rows = max(a.shape[0] for a in arrays)
     count, rest = divmod(rows, block)
+
+    def rows_of(a, start, size):
+        if a.shape[0] != rows:
+            return a
+        return jax.lax.dynamic_slice_in_dim(a, start, size, 0)
 
     def merge(acc, part):
         return tuple(a + s for a, s in zip(acc, part, strict=True))
 
     def body(i, acc):
-        part = [jax.lax.dynamic_slice_in_dim(m, i * block, block, 0) for m in mats]
-        return merge(acc, _stats(_minus(part, shifts), pairs))
+        part = [rows_of(a, i * block, block) for a in arrays]
+        return merge(acc, _stats(_rebuilt(part, layout), pairs))
 
+    first = _rebuilt([a[:1] for a in arrays], layout)
     zeros = tuple(
-        jnp.zeros(mats[0].shape[1:], product(mats, p, q).dtype) for p, q in pairs
+        jnp.zeros(first[0].shape[1:], product(first, p, q).dtype) for p, q in pairs
     )
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
-        tail = _minus([m[count * block :] for m in mats], shifts)
-        acc = merge(acc, _stats(tail, pairs))
+        tail = [a if a.shape[0] != rows else a[count * block :] for a in arrays]
+        acc = merge(acc, _stats(_rebuilt(tail, layout), pairs))
     return acc
 
 
@@ -120,7 +147,7 @@ def _fused_stats_jvp(pairs, primals, tangents):
 
 
 def one_pass(
-    mats_of, pairs, *, fused: bool = False, blocked: bool = True, shifts_of=None
+    mats_of, pairs, *, fused: bool = False, blocked: bool = True, forms_of=None
 ):
     """Column sums of the pair products of each leaf's matrices (``mats_of``, a
     sequence of one tuple of matrices per leaf), each in a single pass over
@@ -132,59 +159,50 @@ def one_pass(
     there; other backends merge sibling reductions themselves and get the plain
     reductions. ``blocked=False`` keeps the plain reductions on CPU too: inside
     a conditional's branch the blocked loop makes XLA copy the branch's kernels
-    on every step, taken or not. ``shifts_of``, if given, holds per leaf None or
-    per matrix a row ``(1, groups)`` (or None) to subtract from it first.
+    on every step, taken or not. ``forms_of``, if given, holds per leaf None or
+    per matrix None or a form ``(fn, sources)``: the matrix is ``fn(*sources)``
+    (elementwise; a source is a matrix or a row broadcast over the rows),
+    computed inside the summing loops and never stored.
     """
     pairs = tuple(pairs)
-    if shifts_of is None:
-        shifts_of = [None] * len(mats_of)
-    shifts_of = [
-        (None,) * len(mats) if shifts is None else tuple(shifts)
-        for mats, shifts in zip(mats_of, shifts_of, strict=True)
+    if forms_of is None:
+        forms_of = [None] * len(mats_of)
+    forms_of = [
+        (None,) * len(mats) if forms is None else tuple(forms)
+        for mats, forms in zip(mats_of, forms_of, strict=True)
     ]
-    out: list[Any] = [None] * len(mats_of)
 
-    def is_small(mats, shifts):
+    def is_small(mats, forms):
         rows, cols = mats[0].shape
         if fused or rows * cols <= FUSED_MAX_ELEMENTS:
             return True
-        # A shifted matrix that the blocked loop does not take: its difference
-        # would be stored to feed several plain reductions.
+        # A formed matrix that the blocked loop does not take: it would be
+        # stored to feed several plain reductions.
         block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
-        return any(c is not None for c in shifts) and rows < 2 * block
+        return any(f is not None for f in forms) and rows < 2 * block
 
-    small = [i for i, mats in enumerate(mats_of) if is_small(mats, shifts_of[i])]
+    out: list[Any] = [None] * len(mats_of)
+    small = [i for i, mats in enumerate(mats_of) if is_small(mats, forms_of[i])]
     if small:
-        found = _fused_stats([_minus(mats_of[i], shifts_of[i]) for i in small], pairs)
+        found = _fused_stats([_formed(mats_of[i], forms_of[i]) for i in small], pairs)
         for i, sums in zip(small, found, strict=True):
             out[i] = tuple(sums)
     for i, mats in enumerate(mats_of):
         if out[i] is not None:
             continue
-        shifts = shifts_of[i]
         block = max(1, CPU_BLOCK_ELEMENTS // max(mats[0].shape[1], 1))
         if blocked and mats[0].shape[0] >= 2 * block:
-            shifted = tuple(c is not None for c in shifts)
-            n = len(mats)
+            arrays, layout = _operands(mats, forms_of[i])
             out[i] = jax.lax.platform_dependent(
-                *mats,
-                *(c for c in shifts if c is not None),
+                *arrays,
                 cpu=functools.partial(
-                    _blocked_stats, pairs=pairs, block=block, shifted=shifted
+                    _blocked_stats, pairs=pairs, block=block, layout=layout
                 ),
-                default=lambda *a, s=shifts, n=n: _stats(
-                    _minus(a[:n], _rows(a[n:], s)), pairs
-                ),
+                default=lambda *a, k=layout: _stats(_rebuilt(a, k), pairs),
             )
         else:
-            out[i] = _stats(_minus(mats, shifts), pairs)
+            out[i] = _stats(_formed(mats, forms_of[i]), pairs)
     return out
-
-
-def _rows(extra, shifts):
-    """The rows passed after the matrices, back in the places of ``shifts``."""
-    rest = iter(extra)
-    return [None if c is None else next(rest) for c in shifts]
 
 
 def column_max_abs(mats):

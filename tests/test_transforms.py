@@ -635,7 +635,7 @@ def test_gram_matches_numpy_in_one_blocked_pass(monkeypatch, block, shape, scale
 )
 @pytest.mark.parametrize("big", [False, True])
 def test_gram_of_shifted_arrays_sums_the_differences(monkeypatch, rows, block, big):
-    """``shifts`` give the Gram of ``a - c`` with the differences formed inside
+    """A form ``a - c`` gives the Gram of the differences, formed inside
     the summing loops (small matrices, larger ones, the CPU blocked loop): exact
     where the identity from the sums of ``a`` would have lost six digits to a
     mean 1000 times the spread, and in the rescaled branch (magnitudes whose
@@ -652,7 +652,9 @@ def test_gram_of_shifted_arrays_sums_the_differences(monkeypatch, rows, block, b
     pairs = ((0, 0), (0, 1), (1, 1), (1, None))
 
     def program(x, y, shift):
-        gr = yield _gram.gram_request((x, y), pairs, (0,), shifts=(None, shift))
+        gr = yield _gram.gram_request(
+            (x, y), pairs, (0,), forms=(None, (jnp.subtract, (y, shift)))
+        )
         return [gr.values[i] for i in range(4)], [gr.exps[i] for i in range(2)]
 
     values, exps = jax.jit(lambda x, y, s: _gram.run(program(x, y, s)))(
