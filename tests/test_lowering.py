@@ -254,3 +254,55 @@ def test_parts_handed_back_to_per_unit_math_are_not_copied():
     ]
     assert copies, "the leaves read their parts at run-time offsets"
     assert not [j for j in joins if j and j <= copies], joins
+
+
+def _stored_kernel_sized(text, shape):
+    """Instructions of the compiled entry computation that store an f32 array
+    with as many elements as ``shape`` and are not among the program's outputs
+    (the new params and state)."""
+    entry = text[text.index("\nENTRY") :]
+    lines = entry.splitlines()
+    root = next(line for line in lines if "ROOT" in line)
+    returned = set(re.findall(r"%([\w.\-]+)", root.split("tuple(", 1)[1]))
+    size = int(np.prod(shape))
+    stored = []
+    for line in lines:
+        m = re.match(r"\s*%([\w.\-]+) = f32\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+        if not m or m.group(1) in returned:
+            continue
+        if m.group(3) in ("parameter", "bitcast", "get-tuple-element", "copy"):
+            continue
+        dims = [int(x) for x in m.group(2).split(",") if x]
+        if int(np.prod(dims)) == size:
+            stored.append(m.group(1))
+    return stored
+
+
+@pytest.mark.parametrize("name", ["sgdp", "adamp", "nero", "rotational"])
+def test_no_kernel_sized_temporary_in_the_sums(monkeypatch, name):
+    """Arrays the optimizers compute before their per-unit sums (SGDP's and
+    AdamP's direction, Nero's new point, the rotational wrapper's shifted
+    direction) are formed inside the summing loops, the CPU blocked loop
+    included: the compiled step stores no array of the kernel's size besides the
+    new params and state (a stored one is page-faulted in on every step by
+    XLA:CPU when large)."""
+    from riemax import _sums
+
+    monkeypatch.setattr(_sums, "FUSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(_sums, "CPU_BLOCK_ELEMENTS", 256)
+    shape = (3, 3, 16, 32)
+    w = riemax.center_units(jax.random.normal(jax.random.key(0), shape))
+    g = jax.random.normal(jax.random.key(1), shape)
+    tx = {
+        "sgdp": lambda: riemax.sgdp(0.1, 0.9, nesterov=True),
+        "adamp": lambda: riemax.adamp(1e-3, nesterov=True),
+        "nero": lambda: riemax.nero(0.01),
+        "rotational": lambda: riemax.rotational(optax.trace(0.9), 0.05),
+    }[name]()
+
+    def step(w, state, g):
+        updates, state = tx.update(g, state, w)
+        return optax.apply_updates(w, updates), state
+
+    text = jax.jit(step).lower(w, tx.init(w), g).compile().as_text()
+    assert _stored_kernel_sized(text, shape) == []
