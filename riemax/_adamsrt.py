@@ -195,6 +195,18 @@ def scale_by_adams(
     """
     owner = "scale_by_adams"
     _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, mu_dtype)
+    return _scale_by_adams(
+        owner, learning_rate, b1, b2, eps, channel_axes, transport, mu_dtype, 0.0
+    )
+
+
+def _scale_by_adams(
+    owner, learning_rate, b1, b2, eps, channel_axes, transport, mu_dtype, decay
+):
+    """:func:`scale_by_adams` on ``g + decay * w`` (coupled L2, as
+    ``optax.add_decayed_weights`` in front, but added inside the step: its
+    per-group sums form the decayed gradient in their loops, where a decayed
+    gradient computed in front would be stored on every step)."""
 
     def axes_of(p):
         return group_axes(p.ndim, channel_axes)
@@ -216,7 +228,16 @@ def scale_by_adams(
         def leaf(g, m, v, w):
             axes = axes_of(w)
             d = group_size(w.shape, axes)
-            g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
+            g_in, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
+            # The decayed gradient, and as a form of the sums (_scale_by_adams);
+            # the decay may be traced (optax.inject_hyperparams).
+            none = isinstance(decay, (int, float)) and decay == 0
+            g = g_in if none else _decayed(g_in, w_acc, decay)
+            form = (
+                None
+                if none
+                else (functools.partial(_decayed, decay=decay), (g_in, w_acc))
+            )
             if not axes:  # one element per group: plain Adam
                 s, v = _adams_scale(v, g * g, 1, lr, count, b1, b2, eps)
                 m = b1 * m + (1 - b1) * g
@@ -226,14 +247,15 @@ def scale_by_adams(
             if rt:
                 request = gram_request(
                     (w_acc, m, g), _SRT_PAIRS, axes, verify_zero=(0,),
-                    then=units, inputs=(v, size),
+                    then=units, inputs=(v, size), forms=(None, None, form),
                 )  # fmt: skip
                 s, c_m, c_w, c_g, r_w, r_m, r_g, v = yield request
                 m = c_m * (m * r_m) + c_w * (w_acc * r_w) + c_g * (g * r_g)
                 return (-s * m).astype(w.dtype), m, v
             request = gram_request(
-                (g,), ((0, 0),), axes, verify_zero=(), then=units, inputs=(v, size)
-            )
+                (g,), ((0, 0),), axes, verify_zero=(), then=units, inputs=(v, size),
+                forms=(form,),
+            )  # fmt: skip
             s, v = yield request
             m = b1 * m + (1 - b1) * g
             return (-s * m).astype(w.dtype), m, v
@@ -369,7 +391,9 @@ def adamsrt(
 
     ``optax.chain(optax.add_decayed_weights(weight_decay),
     scale_by_adams(learning_rate, b1, b2, eps, transport=transport))``: coupled L2,
-    then the standardised step of :func:`scale_by_adams`. After each step the
+    then the standardised step of :func:`scale_by_adams` (the same state; the
+    decay is added inside the step, where the per-group sums form the decayed
+    gradient without storing it, in float32 or wider). After each step the
     first moment is transported to the new point and both moments are rescaled by
     the change of the group norm; ``transport=False`` is AdamS (:func:`adams`).
 
@@ -485,10 +509,17 @@ def sgdmrt(
     return decayed("sgdmrt", weight_decay, channel_axes, step)
 
 
+def _decayed(g, w, decay):
+    """``g + decay * w``, the coupled L2 gradient."""
+    return g + decay * w
+
+
 def _srt(owner, learning_rate, b1, b2, eps, weight_decay, channel_axes, transport):
-    """AdamS or AdamSRT under the name the user called."""
+    """AdamS or AdamSRT under the name the user called: the chain of
+    :func:`decayed` (the same state), with the decay added inside the step."""
     _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, None)
-    step = scale_by_adams(
-        learning_rate, b1, b2, eps, channel_axes=channel_axes, transport=transport
+    checks.check_number(owner, "weight_decay", weight_decay)
+    step = _scale_by_adams(
+        owner, learning_rate, b1, b2, eps, channel_axes, transport, None, weight_decay
     )
-    return decayed(owner, weight_decay, channel_axes, step)
+    return decayed(owner, 0.0, channel_axes, step, inside=True)

@@ -76,10 +76,15 @@ def decayed(
     weight_decay: float,
     channel_axes: Sequence[int] | None,
     step: optax.GradientTransformation,
+    *,
+    inside: bool = False,
 ) -> optax.GradientTransformation:
     """``chain(add_decayed_weights(weight_decay), step)`` with its leaves checked
-    first (any rank), so a bad leaf is named before optax meets it."""
+    first (any rank), so a bad leaf is named before optax meets it. ``inside``:
+    ``step`` adds the decay itself; the chain keeps the same state with
+    ``optax.identity()`` in front."""
     checks.check_number(owner, "weight_decay", weight_decay)
     checks.check_channel_axes(owner, channel_axes)
-    chain = optax.chain(optax.add_decayed_weights(weight_decay), step)
+    front = optax.identity() if inside else optax.add_decayed_weights(weight_decay)
+    chain = optax.chain(front, step)
     return validated(owner, chain, units=False, channel_axes=channel_axes)

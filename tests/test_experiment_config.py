@@ -454,6 +454,49 @@ def test_hybrid_builds_match_the_papers_halves():
     np.testing.assert_allclose(got["fc"]["bias"], want["bias"], rtol=1e-6)
 
 
+def test_srt_with_one_decay_adds_it_inside_the_step():
+    """AdamS/AdamSRT with one coupled decay on every leaf: the decay goes into
+    the step (its per-unit sums form the decayed gradient) instead of a
+    transform in front; the state keeps its structure (an identity in front)
+    and the updates are those of the decay in front."""
+    import jax
+    import optax
+
+    import riemax
+    from experiments.optimizers.groups import add_decay
+
+    params = {
+        "conv": {"kernel": jnp.arange(24.0).reshape(2, 3, 4) / 10 - 1},
+        "fc": {"bias": jnp.linspace(-1.0, 1.0, 4)},
+    }
+    labels = {"conv": {"kernel": "manifold"}, "fc": {"bias": "euclidean"}}
+    decay = jax.tree.map(lambda _: 5e-4, params)
+    for name in ("adams", "adamsrt"):
+        hyper = optimizers.resolve_hyper(name, {})
+        tx = optimizers.build(name, hyper, labels, decay=decay)
+        entry = optimizers.lookup(name)
+        fargs = {k: hyper[k] for k in entry.hyper}
+        front = optax.chain(
+            add_decay(decay),
+            riemax.hybrid(
+                entry.factory(hyper["lr"], **fargs),
+                entry.factory(hyper["lr"], **fargs, channel_axes=None),
+                labels,
+            ),
+        )
+        state, ref_state = tx.init(params), front.init(params)
+        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        assert isinstance(state[0], optax.EmptyState)
+        p, q = params, params
+        for k in range(3):
+            grads = jax.tree.map(lambda x, k=k: jnp.cos(x * (k + 2)), p)
+            u, state = tx.update(grads, state, p)
+            v, ref_state = front.update(grads, ref_state, q)
+            p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def jax_tree_map(fn, tree):
     import jax
 

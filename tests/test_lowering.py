@@ -23,6 +23,7 @@ from jax.extend import core as jex_core
 import riemax
 from benchmarks._common import fused_loops
 from experiments import models
+from experiments import optimizers as experiments_optimizers
 
 #: The largest ResNet-20 kernel (a 3x3 conv, 64 -> 64 channels).
 KERNEL = (3, 3, 64, 64)
@@ -278,11 +279,14 @@ def _stored_kernel_sized(text, shape):
     return stored
 
 
-@pytest.mark.parametrize("name", ["sgdp", "adamp", "nero", "rotational"])
+@pytest.mark.parametrize(
+    "name", ["sgdp", "adamp", "nero", "rotational", "adamsrt", "adamsrt-runner"]
+)
 def test_no_kernel_sized_temporary_in_the_sums(monkeypatch, name):
     """Arrays the optimizers compute before their per-unit sums (SGDP's and
     AdamP's direction, Nero's new point, the rotational wrapper's shifted
-    direction) are formed inside the summing loops, the CPU blocked loop
+    direction, AdamSRT's decayed gradient) are formed inside the summing loops,
+    the CPU blocked loop
     included: the compiled step stores no array of the kernel's size besides the
     new params and state (a stored one is page-faulted in on every step by
     XLA:CPU when large)."""
@@ -298,6 +302,14 @@ def test_no_kernel_sized_temporary_in_the_sums(monkeypatch, name):
         "adamp": lambda: riemax.adamp(1e-3, nesterov=True),
         "nero": lambda: riemax.nero(0.01),
         "rotational": lambda: riemax.rotational(optax.trace(0.9), 0.05),
+        "adamsrt": lambda: riemax.adamsrt(1e-3, weight_decay=5e-4),
+        # The runner's AdamSRT with its coupled L2 (one decay for every leaf).
+        "adamsrt-runner": lambda: experiments_optimizers.build(
+            "adamsrt",
+            experiments_optimizers.resolve_hyper("adamsrt", {}),
+            riemax.MANIFOLD,
+            decay=5e-4,
+        ),
     }[name]()
 
     def step(w, state, g):
