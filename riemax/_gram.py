@@ -38,6 +38,7 @@ from riemax._sums import (
     FUSED_MAX_ELEMENTS,
     as_matrix,
     column_max_abs,
+    formed,
     one_pass,
     product,
 )
@@ -334,7 +335,9 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     ``requests``) for the maxima and one for the sums."""
     dtype = requests[0].mats[0].dtype
     mats_of = [
-        tuple(r.source()) if r.source is not None else _formed(r.mats, r.forms)
+        tuple(r.source())
+        if r.source is not None
+        else tuple(r.mats if r.forms is None else formed(r.mats, r.forms))
         for r in requests
     ]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
@@ -470,15 +473,6 @@ def _flat(parts: Sequence[Sequence[jax.Array]]) -> tuple[jax.Array, ...]:
     if len(parts) == 1:
         return tuple(parts[0])
     return tuple(jnp.concatenate(xs) for xs in zip(*parts, strict=True))
-
-
-def _formed(mats, forms) -> tuple[jax.Array, ...]:
-    """``mats`` with those given by a form computed (see :class:`UnitRequest`)."""
-    if forms is None:
-        return tuple(mats)
-    return tuple(
-        m if f is None else f[0](*f[1]) for m, f in zip(mats, forms, strict=True)
-    )
 
 
 def _plain_sums(

@@ -44,7 +44,7 @@ def _stats(mats, pairs):
     return tuple(jnp.sum(product(mats, p, q), axis=0) for p, q in pairs)
 
 
-def _formed(mats, forms):
+def formed(mats, forms):
     """``mats`` with those given by a form ``(fn, sources)`` computed from their
     sources (None: the matrix itself)."""
     return [m if f is None else f[0](*f[1]) for m, f in zip(mats, forms, strict=True)]
@@ -184,7 +184,7 @@ def one_pass(
     out: list[Any] = [None] * len(mats_of)
     small = [i for i, mats in enumerate(mats_of) if is_small(mats, forms_of[i])]
     if small:
-        found = _fused_stats([_formed(mats_of[i], forms_of[i]) for i in small], pairs)
+        found = _fused_stats([formed(mats_of[i], forms_of[i]) for i in small], pairs)
         for i, sums in zip(small, found, strict=True):
             out[i] = tuple(sums)
     for i, mats in enumerate(mats_of):
@@ -201,7 +201,7 @@ def one_pass(
                 default=lambda *a, k=layout: _stats(_rebuilt(a, k), pairs),
             )
         else:
-            out[i] = _stats(_formed(mats, forms_of[i]), pairs)
+            out[i] = _stats(formed(mats, forms_of[i]), pairs)
     return out
 
 
