@@ -172,17 +172,12 @@ def one_pass(
         for mats, forms in zip(mats_of, forms_of, strict=True)
     ]
 
-    def is_small(mats, forms):
+    def is_small(mats):
         rows, cols = mats[0].shape
-        if fused or rows * cols <= FUSED_MAX_ELEMENTS:
-            return True
-        # A formed matrix that the blocked loop does not take: it would be
-        # stored to feed several plain reductions.
-        block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
-        return any(f is not None for f in forms) and rows < 2 * block
+        return fused or rows * cols <= FUSED_MAX_ELEMENTS
 
     out: list[Any] = [None] * len(mats_of)
-    small = [i for i, mats in enumerate(mats_of) if is_small(mats, forms_of[i])]
+    small = [i for i, mats in enumerate(mats_of) if is_small(mats)]
     if small:
         found = _fused_stats([formed(mats_of[i], forms_of[i]) for i in small], pairs)
         for i, sums in zip(small, found, strict=True):
@@ -190,8 +185,14 @@ def one_pass(
     for i, mats in enumerate(mats_of):
         if out[i] is not None:
             continue
-        block = max(1, CPU_BLOCK_ELEMENTS // max(mats[0].shape[1], 1))
-        if blocked and mats[0].shape[0] >= 2 * block:
+        rows, cols = mats[0].shape
+        block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
+        if any(f is not None for f in forms_of[i]) and rows < 2 * block:
+            # A formed matrix too small for cache-sized blocks still goes
+            # through the loop, in two blocks: outside it, XLA would store it
+            # to feed several reductions (or share it with the write).
+            block = max(1, rows // 2)
+        if blocked and rows >= 2 * block:
             arrays, layout = _operands(mats, forms_of[i])
             out[i] = jax.lax.platform_dependent(
                 *arrays,
