@@ -228,16 +228,13 @@ def _scale_by_adams(
         def leaf(g, m, v, w):
             axes = axes_of(w)
             d = group_size(w.shape, axes)
-            g_in, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
-            # The decayed gradient, and as a form of the sums (_scale_by_adams);
-            # the decay may be traced (optax.inject_hyperparams).
-            none = isinstance(decay, (int, float)) and decay == 0
-            g = g_in if none else _decayed(g_in, w_acc, decay)
-            form = (
-                None
-                if none
-                else (functools.partial(_decayed, decay=decay), (g_in, w_acc))
-            )
+            g, m, w_acc = to_acc(g), to_acc(m), to_acc(w)
+            # The decayed gradient, also as a form of the sums (see
+            # _scale_by_adams); the decay may be traced (inject_hyperparams).
+            form = None
+            if not (isinstance(decay, (int, float)) and decay == 0):
+                form = (functools.partial(_decayed, decay=decay), (g, w_acc))
+                g = _decayed(g, w_acc, decay)
             if not axes:  # one element per group: plain Adam
                 s, v = _adams_scale(v, g * g, 1, lr, count, b1, b2, eps)
                 m = b1 * m + (1 - b1) * g
@@ -518,8 +515,7 @@ def _srt(owner, learning_rate, b1, b2, eps, weight_decay, channel_axes, transpor
     """AdamS or AdamSRT under the name the user called: the chain of
     :func:`decayed` (the same state), with the decay added inside the step."""
     _check_adams(owner, learning_rate, b1, b2, eps, channel_axes, None)
-    checks.check_number(owner, "weight_decay", weight_decay)
     step = _scale_by_adams(
         owner, learning_rate, b1, b2, eps, channel_axes, transport, None, weight_decay
     )
-    return decayed(owner, 0.0, channel_axes, step, inside=True)
+    return decayed(owner, weight_decay, channel_axes, step, inside=True)

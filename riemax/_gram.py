@@ -335,9 +335,7 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     ``requests``) for the maxima and one for the sums."""
     dtype = requests[0].mats[0].dtype
     mats_of = [
-        tuple(r.source())
-        if r.source is not None
-        else tuple(r.mats if r.forms is None else formed(r.mats, r.forms))
+        tuple(r.source()) if r.source is not None else tuple(formed(r.mats, r.forms))
         for r in requests
     ]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]

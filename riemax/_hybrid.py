@@ -81,8 +81,8 @@ def decayed(
 ) -> optax.GradientTransformation:
     """``chain(add_decayed_weights(weight_decay), step)`` with its leaves checked
     first (any rank), so a bad leaf is named before optax meets it. ``inside``:
-    ``step`` adds the decay itself; the chain keeps the same state with
-    ``optax.identity()`` in front."""
+    ``step`` adds the decay itself (``weight_decay`` is only checked here); the
+    chain keeps the same state with ``optax.identity()`` in front."""
     checks.check_number(owner, "weight_decay", weight_decay)
     checks.check_channel_axes(owner, channel_axes)
     front = optax.identity() if inside else optax.add_decayed_weights(weight_decay)

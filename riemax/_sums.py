@@ -44,10 +44,10 @@ def _stats(mats, pairs):
     return tuple(jnp.sum(product(mats, p, q), axis=0) for p, q in pairs)
 
 
-def formed(mats, forms):
+def formed(mats, forms=None) -> list[Any]:
     """``mats`` with those given by a form ``(fn, sources)`` computed from their
-    sources (None: the matrix itself)."""
-    return [m if f is None else f[0](*f[1]) for m, f in zip(mats, forms, strict=True)]
+    sources (``forms``: one form or None per matrix, or None for none)."""
+    return _rebuilt(*_operands(mats, forms))
 
 
 def _operands(mats, forms):
@@ -55,7 +55,7 @@ def _operands(mats, forms):
     sources) and how to put the matrices back together from them."""
     arrays: list[Any] = []
     layout: list[Any] = []
-    for m, f in zip(mats, forms, strict=True):
+    for m, f in zip(mats, forms or (None,) * len(mats), strict=True):
         if f is None:
             layout.append(len(arrays))
             arrays.append(m)
@@ -93,10 +93,8 @@ def _blocked_stats(*arrays, pairs, block, layout):
         part = [rows_of(a, i * block, block) for a in arrays]
         return merge(acc, _stats(_rebuilt(part, layout), pairs))
 
-    first = _rebuilt([a[:1] for a in arrays], layout)
-    zeros = tuple(
-        jnp.zeros(first[0].shape[1:], product(first, p, q).dtype) for p, q in pairs
-    )
+    sums = jax.eval_shape(lambda *a: _stats(_rebuilt(a, layout), pairs), *arrays)
+    zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in sums)
     acc = jax.lax.fori_loop(0, count, body, zeros)
     if rest:
         tail = [a if a.shape[0] != rows else a[count * block :] for a in arrays]
@@ -165,12 +163,7 @@ def one_pass(
     computed inside the summing loops and never stored.
     """
     pairs = tuple(pairs)
-    if forms_of is None:
-        forms_of = [None] * len(mats_of)
-    forms_of = [
-        (None,) * len(mats) if forms is None else tuple(forms)
-        for mats, forms in zip(mats_of, forms_of, strict=True)
-    ]
+    forms_of = forms_of or [None] * len(mats_of)
 
     def is_small(mats):
         rows, cols = mats[0].shape
@@ -187,13 +180,14 @@ def one_pass(
             continue
         rows, cols = mats[0].shape
         block = max(1, CPU_BLOCK_ELEMENTS // max(cols, 1))
-        if any(f is not None for f in forms_of[i]) and rows < 2 * block:
+        forms = forms_of[i]
+        if forms is not None and any(f is not None for f in forms) and rows < 2 * block:
             # A formed matrix too small for cache-sized blocks still goes
             # through the loop, in two blocks: outside it, XLA would store it
             # to feed several reductions (or share it with the write).
             block = max(1, rows // 2)
         if blocked and rows >= 2 * block:
-            arrays, layout = _operands(mats, forms_of[i])
+            arrays, layout = _operands(mats, forms)
             out[i] = jax.lax.platform_dependent(
                 *arrays,
                 cpu=functools.partial(
@@ -202,7 +196,7 @@ def one_pass(
                 default=lambda *a, k=layout: _stats(_rebuilt(a, k), pairs),
             )
         else:
-            out[i] = _stats(formed(mats, forms_of[i]), pairs)
+            out[i] = _stats(formed(mats, forms), pairs)
     return out
 
 

@@ -455,10 +455,11 @@ def test_hybrid_builds_match_the_papers_halves():
 
 
 def test_srt_with_one_decay_adds_it_inside_the_step():
-    """AdamS/AdamSRT with one coupled decay on every leaf: the decay goes into
-    the step (its per-unit sums form the decayed gradient) instead of a
-    transform in front; the state keeps its structure (an identity in front)
-    and the updates are those of the decay in front."""
+    """AdamS/AdamSRT with one coupled decay on every leaf, which the runner
+    gives to the step itself: the state keeps the structure of the decay in
+    front, and the updates are those of the decay in front. (That the decayed
+    gradient is then not stored: test_lowering.py,
+    test_no_kernel_sized_temporary_in_the_sums[adamsrt-runner].)"""
     import jax
     import optax
 
