@@ -171,6 +171,16 @@ def build_parser(
         "--n_iter", "--n-iter", type=int, default=1, help="train seeds seed..seed+N-1"
     )
     run.add_argument(
+        "--compile_cache",
+        "--compile-cache",
+        default="auto",
+        metavar="DIR",
+        help="JAX's persistent compilation cache, so that a resumed or repeated "
+        "run (another seed, --task=compare) reuses the compiled train step: auto "
+        "(WORKDIR/compile_cache, or $JAX_COMPILATION_CACHE_DIR where set), a "
+        "directory, or none",
+    )
+    run.add_argument(
         "--verbosity",
         type=int,
         default=0,

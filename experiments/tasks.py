@@ -18,6 +18,42 @@ from experiments.keys import DEFAULT_CONFIG, RESUMABLE_KEYS, ConfigError
 say = console.status
 
 
+#: The cache's folder in a workdir (``--compile_cache=auto``).
+COMPILE_CACHE = "compile_cache"
+
+
+def compile_cache(args: argparse.Namespace) -> str | None:
+    """Points JAX's persistent compilation cache where ``--compile_cache`` says
+    and returns that folder (None: off). ``auto``: ``$JAX_COMPILATION_CACHE_DIR``
+    where set, else ``WORKDIR/compile_cache``. JAX stores the programs that took
+    at least its threshold to compile (1 s by default): the train and
+    evaluation steps, not the small ones."""
+    choice = getattr(args, "compile_cache", None) or "auto"
+    path = None
+    if choice == "auto":
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
+            None if args.workdir is None else os.path.join(args.workdir, COMPILE_CACHE)
+        )
+    elif choice != "none":
+        path = choice
+    if path is not None:
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(
+                f"--compile_cache={choice}: {path} exists and is not a directory; "
+                "pass a directory, or none"
+            )
+    import jax  # imports jax (seconds)
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir != path:
+        # The cache opens its folder once per process: another run in this
+        # process (the tests, a notebook) has to reopen it.
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def train_seeds(
     cfg: dict[str, Any],
     args: argparse.Namespace,
@@ -27,6 +63,8 @@ def train_seeds(
     (``seed``, ``seed + 1``, ... in ``WORKDIR/seed_K``) with the median, mean and
     std of their test errors."""
     from experiments import train  # imports jax (seconds)
+
+    compile_cache(args)
 
     def run(config, workdir):
         return train.train_and_evaluate(
@@ -66,6 +104,7 @@ def compare(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     from experiments import compare as compare_lib
 
     compare_lib.check_arguments(names, args.seeds, grid, cfg)
+    compile_cache(args)
     return compare_lib.compare(
         cfg,
         args.workdir,
