@@ -319,14 +319,18 @@ def test_a_rerun_reads_its_compiled_programs_from_the_workdir(
         # As in a new process: nothing compiled is left in memory.
         jax.clear_caches()
         del hits[:]
+        capsys.readouterr()
         digits.main([f"--workdir={run}", "--steps=4", "--overwrite", *TINY_FLAGS])
         assert hits, "the rerun compiled everything again"
+        err = capsys.readouterr().err
+        assert "first step done: loaded from the compilation cache and run in" in err
         jax.clear_caches()
         del hits[:]
         out = digits.main(
             [f"--workdir={off}", "--steps=4", "--compile_cache=none", *TINY_FLAGS]
         )
         assert out["step"] == 4 and not hits
+        assert "first step done: compiled and run in" in capsys.readouterr().err
         assert not (off / tasks.COMPILE_CACHE).exists()
         assert jax.config.jax_compilation_cache_dir is None
         # A cache the user set up for JAX is the one auto uses.

@@ -33,6 +33,29 @@ TrainingDiverged = monitor.TrainingDiverged
 status = console.status  # one clock for the whole runner (experiments.console)
 
 
+class _CacheHits:
+    """Counts the programs read from JAX's persistent compilation cache from
+    its creation until :meth:`stop` (which returns the count)."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.count = 0
+        self._monitoring = monitoring
+        monitoring.register_event_listener(self._listen)
+        self._on = True
+
+    def _listen(self, event: str, **kwargs: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.count += 1
+
+    def stop(self) -> int:
+        if self._on:
+            self._monitoring.unregister_event_listener(self._listen)
+            self._on = False
+        return self.count
+
+
 def train_and_evaluate(
     config: dict[str, Any],
     workdir: str,
@@ -183,6 +206,7 @@ def train_and_evaluate(
         stopped, total = True, start  # resumed after stopping: stop again
         say(f"{watch.diverged.message} (stopped, stop_diverged)", warning=True)
     batches = data_lib.prefetch(produce, range(start, total))
+    loaded = _CacheHits()
     try:
         if start < total:
             status("compiling the train step (runs with the first step)")
@@ -198,8 +222,11 @@ def train_and_evaluate(
                 jax.block_until_ready(metrics)
                 first_step_s = time.time() - t_start
                 took = time.time() - t_step
+                how = (
+                    "loaded from the compilation cache" if loaded.stop() else "compiled"
+                )
                 say(
-                    f"first step done: compiled and run in {took:.1f}s, "
+                    f"first step done: {how} and run in {took:.1f}s, "
                     f"{first_step_s:.1f}s after this run started; training"
                 )
                 t_window, steps_in_window = time.time(), 0
@@ -278,6 +305,7 @@ def train_and_evaluate(
         else:
             step = max(start, total)
     finally:
+        loaded.stop()
         batches.close()
         bar.close()
         mngr.wait_until_finished()
