@@ -107,10 +107,6 @@ class UnitRequest(NamedTuple):
     then: Callable[..., Any] | None = None
     inputs: Any = None
     derive: Callable[..., tuple[jax.Array, ...]] | None = None
-    #: Optionally the matrices computed anew, for the rescaled branch: arrays
-    #: computed from others (a centred array) then cross the conditional as
-    #: their inputs, not as one more array written per leaf.
-    source: Callable[[], Sequence[jax.Array]] | None = None
     #: Optionally, per matrix, None or a form ``(fn, sources)``: the matrix is
     #: ``fn(*sources)`` (elementwise; sources are matrices or rows ``(1,
     #: groups)``), computed inside the summing loops (the CPU blocked one too)
@@ -334,10 +330,7 @@ def _exact(requests: Sequence[UnitRequest]) -> Gram:
     variadic reduction per run of leaves (:func:`_runs`, the order of
     ``requests``) for the maxima and one for the sums."""
     dtype = requests[0].mats[0].dtype
-    mats_of = [
-        tuple(r.source()) if r.source is not None else tuple(formed(r.mats, r.forms))
-        for r in requests
-    ]
+    mats_of = [tuple(formed(r.mats, r.forms)) for r in requests]
     runs = [_side_by_side([mats_of[i] for i in run]) for run in _runs(mats_of)]
     maxes = _once(
         _flat([column_max_abs([jax.lax.stop_gradient(x) for x in run]) for run in runs])
@@ -796,13 +789,11 @@ def gram_request(
     then: Callable[..., Any] | None = None,
     inputs: Any = None,
     derive: Callable[..., tuple[jax.Array, ...]] | None = None,
-    source: Callable[[], Sequence[jax.Array]] | None = None,
     forms: Sequence[Any] | None = None,
 ) -> UnitRequest:
     """The :class:`UnitRequest` of the Gram of ``arrays`` (see :func:`gram`).
 
-    ``source()``, if given, computes ``arrays`` again (from the arrays they are
-    computed from), inside the rescaled branch only. ``forms``, if given, holds
+    ``forms``, if given, holds
     per array None or ``(fn, sources)``: the Gram is then that of
     ``fn(*sources)`` in place of ``arrays[p]`` (``fn`` elementwise; each source
     of the array's shape, or per-group with dims kept, broadcast over the
@@ -817,20 +808,12 @@ def gram_request(
     pairs = tuple(pairs)
     diagonal_of = {p: i for i, (p, q) in enumerate(pairs) if p == q}
     missing = [p for p in range(count) if p not in diagonal_of]
-    all_pairs = pairs + tuple((p, p) for p in missing)
     diagonal_of.update({p: len(pairs) + k for k, p in enumerate(missing)})
     diagonal = tuple(diagonal_of[p] for p in range(count))
     mats = [as_matrix(a, axes) for a in arrays]
     info = jnp.finfo(dtype)
     floor = mats[0].shape[0] * 2.0 ** (int(info.minexp) + info.nmant + 1)
     verify = tuple(range(count)) if verify_zero is None else tuple(verify_zero)
-
-    del all_pairs  # summed by :func:`resolve`, with the other leaves of the step
-    remade = None
-    if source is not None:
-
-        def remade():
-            return [as_matrix(a, axes) for a in source()]
 
     matrix_forms = None
     if forms is not None:
@@ -854,7 +837,6 @@ def gram_request(
         then,
         inputs,
         derive,
-        remade,
         matrix_forms,
     )
 
@@ -952,11 +934,9 @@ def normalize_program(
     x: jax.Array,
     axes: Sequence[int],
     eps: Any,
-    source: Callable[[], jax.Array] | None = None,
 ) -> Program:
     """:func:`normalize` as a program for :func:`drive`: its per-unit math runs
-    once for the units of every leaf of a step. ``source()`` computes ``x``
-    again, for the rescaled branch (see :func:`gram_request`)."""
+    once for the units of every leaf of a step."""
     axes = tuple(axes)
     if not axes:
         g = yield from gram_program([x], [(0, 0)], axes)
@@ -964,9 +944,8 @@ def normalize_program(
         unit = (x * g.factor(0)) * safe_div(1.0, n + eps * g.factor(0))
         return unit, unscaled(n, g.exps[0])
     eps = jnp.asarray(eps, x.dtype)
-    remade = None if source is None else (lambda: [source()])
     f, scale, n = yield gram_request(
-        [x], [(0, 0)], axes, then=_normalize_units, inputs=eps, source=remade
+        [x], [(0, 0)], axes, then=_normalize_units, inputs=eps
     )
     return (x * f) * scale, n
 
