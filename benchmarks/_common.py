@@ -19,6 +19,7 @@ Absolute times depend on the machine; only the ratios are meant to be compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -276,6 +277,26 @@ def tree_arrays(tree: Any) -> int:
 def all_finite(tree: Any) -> bool:
     leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
     return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+@contextlib.contextmanager
+def compiled_afresh():
+    """Inside, jitted functions compile with XLA, not from JAX's persistent
+    compilation cache (which ``JAX_COMPILATION_CACHE_DIR`` turns on, as the test
+    suite and the experiment runner do): a compile time measured there is a
+    compile. The cache's setting is restored on leaving."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    was = jax.config.jax_enable_compilation_cache
+    # JAX decides once per process whether the cache is used: reset it so
+    # that the setting is read again, here and on leaving.
+    compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()
 
 
 def make_optimizer_step(tx: optax.GradientTransformation) -> Callable:
