@@ -422,17 +422,16 @@ class Table:
         if ratio is not None:
             self.ratios.append(float(ratio))
 
-    def markdown(self) -> str:
-        def cell(x: Any) -> str:
-            if isinstance(x, float):
-                return fmt(x)
-            return str(x)
+    def row_markdown(self, i: int) -> str:
+        """Row ``i`` as a markdown line."""
+        cells = (fmt(x) if isinstance(x, float) else str(x) for x in self.rows[i])
+        return "| " + " | ".join(cells) + " |"
 
+    def markdown(self) -> str:
         lines = [f"### {self.title}", ""]
         lines.append("| " + " | ".join(self.headers) + " |")
         lines.append("|" + "|".join("---" for _ in self.headers) + "|")
-        for row in self.rows:
-            lines.append("| " + " | ".join(cell(x) for x in row) + " |")
+        lines.extend(self.row_markdown(i) for i in range(len(self.rows)))
         if self.notes:
             lines.append("")
             lines.extend(self.notes)

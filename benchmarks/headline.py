@@ -19,15 +19,19 @@ counterpart in the same process:
 Run::
 
   python -m benchmarks.headline [--model resnet20|wrn-28-10|...] [--batch 128]
-      [--reps 7] [--smoke]
+      [--reps 7] [--part all|train|optimizer] [--smoke]
 
 ``--smoke`` runs a tiny model and batch, one repetition and a few rows (what the
-tests run): it checks that everything runs, nothing about speed.
+tests run): it checks that everything runs, nothing about speed. ``--part``
+measures the train-step rows or the optimizer-only rows alone. While it runs,
+each compile and each row, as soon as it is measured, goes to standard error:
+a run stopped part-way (a time limit on a lent GPU) keeps what it measured.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
@@ -73,6 +77,14 @@ SPHERE_ROWS = ("sgdg", "adamg", "adamsrt", "sgdmrt", *FIELD)
 SMOKE_SPHERE_ROWS = ("sgdg", "adamp")
 
 
+def log(line: str) -> None:
+    """Progress, each line as soon as it is known (standard error)."""
+    print("headline:", line, file=sys.stderr, flush=True)
+
+
+PARTS = ("all", "train", "optimizer")
+
+
 def _train_rows(labels, smoke: bool = False) -> list[tuple[str, object]]:
     rows = [
         ("optax Nesterov SGD", baseline_tx("sgd")),
@@ -89,7 +101,12 @@ def _add_timed_row(
     per_rep = [c / b for c, b in zip(cand.times, base.times, strict=True)]
     ratio = statistics.median(per_rep)
     range_cell = f"{min(per_rep):.2f}..{max(per_rep):.2f}"
-    table.add([what, optax_cell, riemax_cell, ratio, range_cell], ratio)
+    _add_row(table, [what, optax_cell, riemax_cell, ratio, range_cell], ratio)
+
+
+def _add_row(table: Table, row: list, ratio: float) -> None:
+    table.add(row, ratio)
+    log(table.row_markdown(-1))
 
 
 def train_rows(
@@ -112,7 +129,12 @@ def train_rows(
             stepper.fn = lowered.compile()
             compile_s[name] = time.perf_counter() - t0
         lower_s[name] = t1 - t0
+        log(
+            f"train step, {name}: compiled in {compile_s[name]:.1f} s "
+            f"(tracing and lowering {lower_s[name]:.1f} s)"
+        )
         steppers.append(stepper)
+    log(f"train step: timing {len(steppers)} rows, {reps} interleaved repetitions")
     time_interleaved(steppers, reps=reps, warmup=warmup, log=None)
     check_finite(steppers)
     base = steppers[0]
@@ -126,7 +148,8 @@ def train_rows(
             base,
         )
         c_ratio = compile_s[s.name] / compile_s[base.name]
-        table.add(
+        _add_row(
+            table,
             [
                 "compile of that train step (of which tracing and lowering)",
                 f"{compile_s[base.name]:.3g} s ({lower_s[base.name]:.2g} s)",
@@ -156,7 +179,13 @@ def optimizer_rows(
         cands += rows
     bases = baseline_rows(sorted({row.baseline for row in cands}))
     steppers = make_steppers(shapes, bases + cands)
-    time_interleaved(steppers, reps=reps, warmup=warmup, min_rep_s=min_rep_s, log=None)
+    log(
+        f"optimizer only: compiling and timing {len(steppers)} rows, "
+        f"{reps} interleaved repetitions"
+    )
+    time_interleaved(
+        steppers, reps=reps, warmup=warmup, min_rep_s=min_rep_s, log=_warmed_up
+    )
     check_finite(steppers)
     by_name = {s.name: s for s in steppers}
     base_of = {row.baseline: by_name[row.name] for row in bases}
@@ -172,6 +201,10 @@ def optimizer_rows(
         )
 
 
+def _warmed_up(line: str) -> None:
+    log("optimizer only:" + line)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Table]:
     def extra(parser):
         parser.add_argument(
@@ -182,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         )
         parser.add_argument(
             "--batch", type=int, default=None, help="batch size (default 128)"
+        )
+        parser.add_argument(
+            "--part",
+            choices=PARTS,
+            default="all",
+            help="which rows: all (default), the train step's or the "
+            "optimizer-only ones",
         )
 
     args = parse_args(argv, __doc__, reps=7, extra=extra)
@@ -196,7 +236,13 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
     print(
         machine_header(
             "benchmarks.headline",
-            {"model": model, "batch": batch, "reps": args.reps, "smoke": args.smoke},
+            {
+                "model": model,
+                "batch": batch,
+                "reps": args.reps,
+                "part": args.part,
+                "smoke": args.smoke,
+            },
         ),
         flush=True,
     )
@@ -207,8 +253,12 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         f"batch {batch}, {jax.default_backend()} ({jax.devices()[0].device_kind})",
         ["what", "optax", "riemax", "ratio", "per-rep ratio range"],
     )
-    train_rows(table, model, batch, args.reps, args.warmup, args.smoke)
-    optimizer_rows(table, model, args.reps, args.warmup, min_rep_s, args.smoke)
+    start = time.perf_counter()
+    if args.part in ("all", "train"):
+        train_rows(table, model, batch, args.reps, args.warmup, args.smoke)
+    if args.part in ("all", "optimizer"):
+        optimizer_rows(table, model, args.reps, args.warmup, min_rep_s, args.smoke)
+    log(f"done in {time.perf_counter() - start:.0f} s")
     table.notes += [
         f"Train step: forward, backward and update, float32, CIFAR-shaped input; "
         f"baseline {BASELINE_DESCRIPTION['sgd']} on every parameter; riemax hybrids "

@@ -161,3 +161,23 @@ def test_compile_times_are_measured_without_the_persistent_cache(tmp_path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
         compilation_cache.reset_cache()
         jax.config.update("jax_compilation_cache_dir", suite_cache)
+
+
+def test_headline_parts_and_rows_reported_as_measured(capsys):
+    """``--part optimizer`` measures the optimizer-only rows alone; each row goes
+    to standard error as soon as it is measured (a run stopped by a time limit
+    keeps what it measured), the same line as in the final table."""
+    from benchmarks import headline
+
+    (table,) = headline.main(["--smoke", "--part", "optimizer"])
+    err = capsys.readouterr().err
+    assert table.rows and all(
+        r[0].startswith("optimizer-only step:") for r in table.rows
+    )
+    for i in range(len(table.rows)):
+        assert f"headline: {table.row_markdown(i)}\n" in err
+    assert "headline: done in" in err
+    with pytest.raises(SystemExit) as e:
+        headline.main(["--smoke", "--part", "update"])
+    assert e.value.code == 2
+    assert "invalid choice: 'update'" in capsys.readouterr().err
