@@ -46,7 +46,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from experiments import optimizers as optimizer_table  # noqa: E402
-from experiments.optimizers.factories import FOLDED_DECAY  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Optimizers: built from the experiments' one table (experiments/optimizers/)
@@ -93,7 +92,7 @@ def manifold_tx(name: str, omega: float | None = None) -> optax.GradientTransfor
     hyper = _hyper(name, omega)
     lr = hyper["lr_manifold"] if entry.companion == "nesterov_sgd" else hyper["lr"]
     fargs = {k: hyper[k] for k in entry.hyper}
-    if entry.factory in FOLDED_DECAY:  # the decay inside the step, as users write it
+    if entry.decay == "inside":  # the decay inside the step, as users write it
         return entry.factory(lr, **fargs, weight_decay=WEIGHT_DECAY)
     tx = entry.factory(lr, **fargs)
     if entry.sphere:

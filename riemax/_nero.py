@@ -249,18 +249,18 @@ def _constrained(g, nu, scale, w, axes, n, derive):
     inputs = (nu, jnp.asarray(n, nu.dtype), scale)
     gr = yield gram_request((w, g), _KERNEL_PAIRS, axes, inputs=inputs, derive=derive)
     parts = gr.derived
-    nu, f_g, f_w, beta, mean = (parts[i] for i in range(5))
+    nu, beta, mean = (parts[i] for i in range(3))
 
     def centred():
-        return ((w * f_w) - beta * (g * f_g)) - mean
+        return ((w * gr.factor(0)) - beta * (g * gr.factor(1))) - mean
 
     cc = yield Fallback(
-        parts[5],
-        parts[6] > 0,
+        parts[3],
+        parts[4] > 0,
         lambda: [as_matrix(centred(), axes)],
         ((0, 0),),
-        whole=parts.arrays[6],
-        whole_value=parts.arrays[5],
+        whole=parts.arrays[4],
+        whole_value=parts.arrays[3],
         span=(parts.start, parts.stop),
     )
     inverse = yield Batched(_inverse_root, cc, cc.shape)
@@ -274,13 +274,14 @@ def _inverse_root(cc):
 
 def _nero_point(gr, inputs, leaf=None, *, lr, count, b2):
     """Every constrained kernel unit of the step at once, from its sums
-    (:data:`_KERNEL_PAIRS`): ``(nu, f_g, f_w, beta, mean, cc, cancels)``, the new
-    point being ``(q~ - mean) / sqrt(cc)`` with ``q~ = w f_w - beta g f_g``;
-    ``cancels`` is 1 where the identity for ``cc = |q~ - mean|^2`` cancels."""
+    (:data:`_KERNEL_PAIRS`): ``(nu, beta, mean, cc, cancels)``, the new point
+    being ``(q~ - mean) / sqrt(cc)`` with ``q~ = w~ - beta g~`` (the sums'
+    scaled ``w`` and ``g``); ``cancels`` is 1 where the identity for
+    ``cc = |q~ - mean|^2`` cancels."""
     nu, n, scale = inputs
     gg, ww, wg, sum_w, sum_g = gr.values
     e_w, e_g = gr.exps
-    nu, step, f_g = _nero_units((nu, gg, e_g, n, scale), lr=lr, count=count, b2=b2)
+    nu, step, _ = _nero_units((nu, gg, e_g, n, scale), lr=lr, count=count, b2=b2)
     # The step on the scale of w: q~ = w~ - beta g~ (w~ = w 2**-e_w).
     beta = unscaled(step, -e_w)
     mean = (sum_w - beta * sum_g) / n
@@ -288,7 +289,7 @@ def _nero_point(gr, inputs, leaf=None, *, lr, count, b2):
         combination((1.0, -beta), (ww, wg, gg), PAIR_GRAM) - n * mean * mean, 0
     )
     cancels = jnp.where(cc < TRUSTED_FRACTION * (ww + beta * beta * gg), 1.0, 0.0)
-    return nu, f_g, pow2(-e_w, nu.dtype), beta, mean, cc, cancels.astype(cc.dtype)
+    return nu, beta, mean, cc, cancels.astype(cc.dtype)
 
 
 def _nero_units(inputs, *, lr, count, b2):

@@ -74,3 +74,31 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def compile_cache_hits():
+    """The list of JAX's persistent-cache hits during the test (one entry per
+    program read from the cache), with every program stored (no compile-time
+    threshold). The suite's cache folder and threshold are restored after, and
+    the cache reopened there."""
+    from jax import monitoring
+    from jax.experimental.compilation_cache import compilation_cache
+
+    hits: list[str] = []
+
+    def listen(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    suite_cache = jax.config.jax_compilation_cache_dir
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    monitoring.register_event_listener(listen)
+    try:
+        yield hits
+    finally:
+        monitoring.unregister_event_listener(listen)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", suite_cache)

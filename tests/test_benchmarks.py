@@ -112,7 +112,9 @@ def test_optimizer_steps_alternate_the_gradient_sign():
     assert most_radial(fixed) > 0.9
 
 
-def test_compile_times_are_measured_without_the_persistent_cache(tmp_path):
+def test_compile_times_are_measured_without_the_persistent_cache(
+    tmp_path, compile_cache_hits
+):
     """Where the persistent compilation cache is on (the test suite, a user's
     JAX_COMPILATION_CACHE_DIR), a program compiled once loads from it in a
     later compile: the benchmarks' compile times would then be load times.
@@ -120,16 +122,11 @@ def test_compile_times_are_measured_without_the_persistent_cache(tmp_path):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax import monitoring
     from jax.experimental.compilation_cache import compilation_cache
 
     from benchmarks._common import compiled_afresh
 
-    hits = []
-
-    def listen(event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            hits.append(event)
+    hits = compile_cache_hits
 
     def program():
         # A function of its own each time: nothing compiled in memory to reuse.
@@ -137,30 +134,20 @@ def test_compile_times_are_measured_without_the_persistent_cache(tmp_path):
         x = np.ones(7, np.float32)
         return jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25).lower(x).compile()
 
-    suite_cache = jax.config.jax_compilation_cache_dir
-    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
-    monitoring.register_event_listener(listen)
-    try:
-        compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    program()
+    jax.clear_caches()
+    program()
+    assert len(hits) == 1, "the cache is not in use: the test shows nothing"
+    jax.clear_caches()
+    with compiled_afresh():
         program()
-        jax.clear_caches()
-        program()
-        assert len(hits) == 1, "the cache is not in use: the test shows nothing"
-        jax.clear_caches()
-        with compiled_afresh():
-            program()
-        assert len(hits) == 1, "compiled_afresh loaded the program from the cache"
-        assert jax.config.jax_enable_compilation_cache
-        jax.clear_caches()
-        program()
-        assert len(hits) == 2, "the cache is not back after compiled_afresh"
-    finally:
-        monitoring.unregister_event_listener(listen)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
-        compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", suite_cache)
+    assert len(hits) == 1, "compiled_afresh loaded the program from the cache"
+    assert jax.config.jax_enable_compilation_cache
+    jax.clear_caches()
+    program()
+    assert len(hits) == 2, "the cache is not back after compiled_afresh"
 
 
 def test_headline_parts_and_rows_reported_as_measured(capsys):

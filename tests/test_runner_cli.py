@@ -286,62 +286,46 @@ def test_plot_labels_every_line_and_draws_validation(tmp_path, monkeypatch):
 
 
 def test_a_rerun_reads_its_compiled_programs_from_the_workdir(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, compile_cache_hits
 ):
     import argparse
 
     import jax
-    from jax import monitoring
-    from jax.experimental.compilation_cache import compilation_cache
 
     from experiments import tasks
 
-    hits = []
-
-    def listen(event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            hits.append(event)
-
+    # Every program is stored (compile_cache_hits): the tiny model compiles
+    # faster than JAX's threshold for storing one.
+    hits = compile_cache_hits
     run, off = tmp_path / "run", tmp_path / "off"
     # The suite's own cache (conftest) is JAX_COMPILATION_CACHE_DIR: without it,
     # --compile_cache=auto puts the cache in the workdir.
-    suite_cache = jax.config.jax_compilation_cache_dir
-    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    # The tiny model compiles faster than JAX's threshold for storing a program.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    monitoring.register_event_listener(listen)
-    try:
-        jax.clear_caches()  # what earlier tests compiled in this process
-        digits.main([f"--workdir={run}", "--steps=4", *TINY_FLAGS])
-        cache = run / tasks.COMPILE_CACHE
-        assert any(n.startswith("jit_") for n in os.listdir(cache))
-        # As in a new process: nothing compiled is left in memory.
-        jax.clear_caches()
-        del hits[:]
-        capsys.readouterr()
-        digits.main([f"--workdir={run}", "--steps=4", "--overwrite", *TINY_FLAGS])
-        assert hits, "the rerun compiled everything again"
-        err = capsys.readouterr().err
-        assert "first step done: loaded from the compilation cache and run in" in err
-        jax.clear_caches()
-        del hits[:]
-        out = digits.main(
-            [f"--workdir={off}", "--steps=4", "--compile_cache=none", *TINY_FLAGS]
-        )
-        assert out["step"] == 4 and not hits
-        assert "first step done: compiled and run in" in capsys.readouterr().err
-        assert not (off / tasks.COMPILE_CACHE).exists()
-        assert jax.config.jax_compilation_cache_dir is None
-        # A cache the user set up for JAX is the one auto uses.
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
-        args = argparse.Namespace(workdir=str(run), compile_cache="auto")
-        assert tasks.compile_cache(args) == str(tmp_path / "mine")
-    finally:
-        monitoring.unregister_event_listener(listen)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
-        compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", suite_cache)
+    jax.clear_caches()  # what earlier tests compiled in this process
+    digits.main([f"--workdir={run}", "--steps=4", *TINY_FLAGS])
+    cache = run / tasks.COMPILE_CACHE
+    assert any(n.startswith("jit_") for n in os.listdir(cache))
+    # As in a new process: nothing compiled is left in memory.
+    jax.clear_caches()
+    del hits[:]
+    capsys.readouterr()
+    digits.main([f"--workdir={run}", "--steps=4", "--overwrite", *TINY_FLAGS])
+    assert hits, "the rerun compiled everything again"
+    err = capsys.readouterr().err
+    assert "first step done: loaded from the compilation cache and run in" in err
+    jax.clear_caches()
+    del hits[:]
+    out = digits.main(
+        [f"--workdir={off}", "--steps=4", "--compile_cache=none", *TINY_FLAGS]
+    )
+    assert out["step"] == 4 and not hits
+    assert "first step done: compiled and run in" in capsys.readouterr().err
+    assert not (off / tasks.COMPILE_CACHE).exists()
+    assert jax.config.jax_compilation_cache_dir is None
+    # A cache the user set up for JAX is the one auto uses.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    args = argparse.Namespace(workdir=str(run), compile_cache="auto")
+    assert tasks.compile_cache(args) == str(tmp_path / "mine")
     capsys.readouterr()
 
     # A file where the cache's folder should be: one line, status 2, no run.

@@ -26,8 +26,11 @@ Each :class:`OptimizerEntry` says how one named optimizer is built from a config
     baseline this is);
 
 - ``decay``: ``"coupled"`` (L2 added to the gradient before the optimizer, the
-  originals' ``weight_decay``) or ``"decoupled"`` (the factory receives the
-  per-leaf decay tree as ``decay=`` and places it itself, as AdamW does);
+  originals' ``weight_decay``), ``"inside"`` (the same coupled L2, which the
+  factory adds inside its step when every leaf has one decay, given as
+  ``weight_decay=``: its per-unit sums then form the decayed gradient without
+  storing it; added in front otherwise) or ``"decoupled"`` (the factory receives
+  the per-leaf decay tree as ``decay=`` and places it itself, as AdamW does);
 - ``sphere``: the manifold kernels are re-initialised to unit-norm units and get
   no weight decay (SGD-G, Adam-G); ``fixed_norm``: no weight decay on the manifold
   kernels, whose norm the optimizer keeps (the rotational wrapper);
@@ -144,7 +147,7 @@ class OptimizerEntry:
     def __post_init__(self):
         if self.companion not in COMPANIONS:
             raise ValueError(f"{self.name}: unknown companion {self.companion!r}")
-        if self.decay not in ("coupled", "decoupled"):
+        if self.decay not in DECAYS:
             raise ValueError(f"{self.name}: unknown decay {self.decay!r}")
         if (self.lr_manifold is None) == (self.companion in TWO_RATES):
             raise ValueError(
@@ -177,6 +180,7 @@ class OptimizerEntry:
         return "paper" if self.start is not None else "structural"
 
 
+DECAYS = ("coupled", "inside", "decoupled")
 COMPANIONS = ("none", "nesterov_sgd", "elementwise", "adamw", "sgdm", "adamw_hybrid")
 #: The companions whose two halves have their own learning rates.
 TWO_RATES = ("nesterov_sgd", "adamw_hybrid")
@@ -232,6 +236,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             _ADAM_HYPER,
             lr=1e-3,
             companion="elementwise",
+            decay="inside",
             decay_all=True,
             paper_labels="srt",
             description="AdamS per unit on the manifold kernels, Adam elsewhere, "
@@ -243,6 +248,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             _ADAM_HYPER,
             lr=1e-3,
             companion="elementwise",
+            decay="inside",
             decay_all=True,
             paper_labels="srt",
             description="AdamSRT per unit on the manifold kernels, Adam elsewhere, "

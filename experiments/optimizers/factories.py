@@ -45,7 +45,7 @@ def adams(learning_rate, *, b1, b2, eps, channel_axes=(-1,), weight_decay=0.0):
     import riemax
 
     # The coupled L2 is applied in front (per group), or, where every leaf has
-    # the same decay, inside the step (build: FOLDED_DECAY).
+    # the same decay, inside the step (the registry's decay="inside").
     return riemax.adams(
         learning_rate, b1, b2, eps, weight_decay, channel_axes=channel_axes
     )
@@ -57,13 +57,6 @@ def adamsrt(learning_rate, *, b1, b2, eps, channel_axes=(-1,), weight_decay=0.0)
     return riemax.adamsrt(
         learning_rate, b1, b2, eps, weight_decay, channel_axes=channel_axes
     )
-
-
-#: Factories that add a coupled decay inside their step (``weight_decay``): with
-#: one decay for every leaf, :func:`build` gives it to them instead of adding it
-#: in front, so that the decayed gradient is formed inside their per-unit sums
-#: and not stored (on the WRN-28-10 tree: one kernel-sized array fewer per step).
-FOLDED_DECAY = (adams, adamsrt)
 
 
 def sgdmrt(learning_rate, *, momentum, channel_axes=(-1,)):
@@ -293,7 +286,7 @@ def build(
         else:
             euclidean = sgd(lr, momentum=hyper["momentum"], nesterov=False)
         main = riemax.hybrid(entry.factory(lr, **fargs), euclidean, labels)
-        if entry.decay == "coupled" and has_decay:
+        if entry.decay != "decoupled" and has_decay:
             return optax.chain(add_decay(decay), main)
         return main
     if entry.companion == "adamw_hybrid":
@@ -304,8 +297,11 @@ def build(
         )
     if entry.decay == "decoupled":
         fargs["decay"] = decay
+    # decay="inside" with one decay for every leaf: the factory adds it in its
+    # step, where the decayed gradient is formed inside the per-unit sums and
+    # not stored (on the WRN-28-10 tree: one kernel-sized array fewer per step).
     folded = False
-    if entry.decay == "coupled" and has_decay and entry.factory in FOLDED_DECAY:
+    if entry.decay == "inside" and has_decay:
         values = set(jax.tree.leaves(decay))
         if len(values) == 1:
             fargs["weight_decay"] = values.pop()
@@ -325,6 +321,6 @@ def build(
         )
     if folded:  # the same state as with the decay in front
         return optax.chain(optax.identity(), main)
-    if entry.decay == "coupled" and has_decay:
+    if entry.decay != "decoupled" and has_decay:
         return optax.chain(add_decay(decay), main)
     return main
